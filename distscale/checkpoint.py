@@ -1,0 +1,140 @@
+"""The scaler's state as plain data: build, validate, and convert.
+
+Format (version 1), every value a Python number, string, bool or None, so
+``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint`` take it as is::
+
+    {"format_version": 1,
+     "config": {init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
+                hysteresis_refill, min_scale, max_scale, on_min_scale},
+     "state": {scale, growth_tracker, hysteresis_tracker, num_updates, num_skipped,
+               num_min_scale_events},
+     # torch.amp.GradScaler's five keys, so either scaler loads the other's checkpoint:
+     "scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+
+``validate`` checks everything before anything is applied, so a bad state leaves the scaler as
+it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from distscale.config import ScalerConfig
+
+FORMAT_VERSION = 1
+TORCH_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
+STATE_KEYS = (
+    "scale",
+    "growth_tracker",
+    "hysteresis_tracker",
+    "num_updates",
+    "num_skipped",
+    "num_min_scale_events",
+)
+TOP_KEYS = frozenset({"format_version", "config", "state"}) | TORCH_KEYS
+CONFIG_KEYS = frozenset(ScalerConfig.__dataclass_fields__)
+
+
+def build(config: ScalerConfig, state: Mapping[str, int | float]) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state": dict(state),
+        "scale": float(state["scale"]),
+        "growth_factor": config.growth_factor,
+        "backoff_factor": config.backoff_factor,
+        "growth_interval": config.growth_interval,
+        "_growth_tracker": int(state["growth_tracker"]),
+    }
+
+
+def _keys_error(where: str, got: set[str], expected: frozenset[str] | set[str]) -> ValueError:
+    missing, extra = sorted(expected - got), sorted(got - expected)
+    return ValueError(
+        f"GradScaler state_dict {where} has the wrong keys: missing {missing}, unexpected {extra}."
+    )
+
+
+def _int(where: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"GradScaler state_dict {where} must be an int, got {type(value).__name__}.")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"GradScaler state_dict {where} must be {bound}, got {value}.")
+    return value
+
+
+def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[ScalerConfig, dict[str, Any]]:
+    """Return (config, state values) from ``state_dict``, or raise without side effects.
+
+    Accepts this module's format and torch.amp.GradScaler's (its five keys; the counters then
+    start at zero and the settings torch does not store keep ``current``'s values).
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}.")
+    if len(state_dict) == 0:
+        raise RuntimeError(
+            "The source state dict is empty, possibly because it was saved "
+            "from a disabled instance of GradScaler."
+        )
+    keys = set(state_dict)
+    if "format_version" not in keys:
+        if keys != TORCH_KEYS:
+            raise _keys_error("(torch.amp.GradScaler format)", keys, TORCH_KEYS)
+        config = replace(
+            current,
+            growth_factor=state_dict["growth_factor"],
+            backoff_factor=state_dict["backoff_factor"],
+            growth_interval=state_dict["growth_interval"],
+        )
+        raw = {
+            "scale": state_dict["scale"],
+            "growth_tracker": state_dict["_growth_tracker"],
+            "hysteresis_tracker": config.hysteresis,
+            "num_updates": 0,
+            "num_skipped": 0,
+            "num_min_scale_events": 0,
+        }
+    else:
+        version = state_dict["format_version"]
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"GradScaler state_dict format_version {version!r} is not supported "
+                f"(this distscale reads version {FORMAT_VERSION})."
+            )
+        if keys != TOP_KEYS:
+            raise _keys_error("", keys, TOP_KEYS)
+        cfg, raw = state_dict["config"], state_dict["state"]
+        if not isinstance(cfg, Mapping) or set(cfg) != CONFIG_KEYS:
+            raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), CONFIG_KEYS)
+        if not isinstance(raw, Mapping) or set(raw) != set(STATE_KEYS):
+            raise _keys_error("['state']", set(raw) if isinstance(raw, Mapping) else set(), set(STATE_KEYS))
+        config = ScalerConfig(**cfg)  # validates every setting
+        # The torch-compatible duplicates must agree with the authoritative entries.
+        duplicates = {
+            "scale": raw["scale"],
+            "growth_factor": config.growth_factor,
+            "backoff_factor": config.backoff_factor,
+            "growth_interval": config.growth_interval,
+            "_growth_tracker": raw["growth_tracker"],
+        }
+        for key, value in duplicates.items():
+            if state_dict[key] != value:
+                raise ValueError(
+                    f"GradScaler state_dict[{key!r}]={state_dict[key]!r} disagrees with the "
+                    f"format-{FORMAT_VERSION} entry {value!r}; the checkpoint was edited or corrupted."
+                )
+    scale = raw["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"GradScaler state_dict scale must be a float, got {type(scale).__name__}.")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"GradScaler state_dict scale must be finite and > 0, got {scale!r}.")
+    values: dict[str, Any] = {"scale": float(scale)}
+    values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], 0)
+    values["hysteresis_tracker"] = _int("hysteresis_tracker", raw["hysteresis_tracker"], 0, config.hysteresis)
+    for key in ("num_updates", "num_skipped", "num_min_scale_events"):
+        values[key] = _int(key, raw[key], 0)
+    return config, values

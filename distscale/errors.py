@@ -1,0 +1,22 @@
+"""Exceptions raised by distscale."""
+
+from __future__ import annotations
+
+
+class ScalerUsageError(RuntimeError, AssertionError):
+    """A call made out of order (e.g. ``step()`` before ``scale()``).
+
+    torch.amp.GradScaler raises ``AssertionError`` for some of these and ``RuntimeError`` for
+    others; this type is both, so code written against either keeps working.
+    """
+
+
+class MinScaleError(RuntimeError):
+    """An overflow found the scale already at ``min_scale`` and ``on_min_scale="raise"``.
+
+    Raised on every rank at the same ``update()``: all ranks hold the same state.
+    """
+
+
+class InconsistentStateError(RuntimeError):
+    """The consistency check found ranks whose scale state differs from the others'."""

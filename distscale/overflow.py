@@ -1,0 +1,119 @@
+"""The local check: one pass per (device, dtype) group, no collective, no host sync.
+
+``GradSet`` gathers one optimizer's local gradients once (see :mod:`distscale.sharding`) and
+remembers which tensors it saw and their version counters, so the façade can tell whether the
+gradients changed (another backward, ``zero_grad``) since they were checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from distscale import kernels
+from distscale.sharding import LocalGrad, local_grads
+
+__all__ = ["GradSet"]
+
+GroupKey = tuple[torch.device, torch.dtype]
+
+
+def _group(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
+    groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[(t.device, t.dtype)].append(t)
+    return groups
+
+
+class _PerDevice:
+    """Lazily copies one 0-dim tensor to each device that needs it (non-blocking)."""
+
+    def __init__(self, master: torch.Tensor) -> None:
+        self.master = master
+        self._copies: dict[torch.device, torch.Tensor] = {master.device: master}
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = self.master.to(device, non_blocking=True)
+        return self._copies[device]
+
+    def values(self) -> list[torch.Tensor]:
+        return list(self._copies.values())
+
+
+class GradSet:
+    """One optimizer's local gradients, as seen at one moment."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.grads: list[LocalGrad] = local_grads(params, rank)
+        self._versions = self._snapshot()
+
+    def _snapshot(self) -> list[tuple[int, int]]:
+        return [(id(g.tensor), g.tensor._version) for g in self.grads]
+
+    def refresh_versions(self) -> None:
+        """Record our own in-place writes, so they do not count as a change."""
+        self._versions = self._snapshot()
+
+    def unchanged_since(self, optimizer: torch.optim.Optimizer, rank: int) -> bool:
+        """Whether ``optimizer``'s grads are still exactly the tensors and versions checked."""
+        now = GradSet(optimizer, rank)
+        same_objects = len(now.grads) == len(self.grads) and all(
+            a.tensor is b.tensor for a, b in zip(now.grads, self.grads, strict=True)
+        )
+        return same_objects and now._versions == self._versions
+
+    def check_(
+        self,
+        found_inf: torch.Tensor,
+        inv_scale: torch.Tensor | None,
+        kernel: str,
+        check: bool = True,
+    ) -> None:
+        """Accumulate this rank's inf/NaN flag into ``found_inf`` and unscale if ``inv_scale``.
+
+        ``check=False`` only unscales (the grads were checked before and have not changed).
+        Runs one kernel call per (device, dtype) group; no host sync.
+        """
+        with torch.no_grad():
+            found = _PerDevice(found_inf)
+            inv = None if inv_scale is None else _PerDevice(inv_scale)
+            for (device, _), tensors in _group([g.tensor for g in self.grads]).items():
+                target = found.get(device) if check else torch.zeros_like(found.get(device))
+                kernels.check_and_unscale_(tensors, target, None if inv is None else inv.get(device), kernel)
+            for copy in found.values():
+                if copy is not found_inf:
+                    found_inf.copy_(torch.maximum(found_inf, copy.to(found_inf.device)))
+        # torch's op rewrites every element even with inv_scale=1: our own writes are no change.
+        self.refresh_versions()
+
+    def local_norm(
+        self, norm_type: float, device: torch.device, kernel: str, scale_by: torch.Tensor | None
+    ) -> torch.Tensor:
+        """This rank's share of the global norm, as a 0-dim float32 norm (not a power).
+
+        Per-tensor norms are stacked and normed again, in (device, dtype) group order, which is
+        exactly what ``torch.nn.utils.clip_grad_norm_`` computes on one process.
+        ``scale_by`` multiplies the result (``inv_scale`` when the grads are still scaled).
+        """
+        counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None]
+        per_tensor: list[torch.Tensor] = []
+        with torch.no_grad():
+            for tensors in _group(counted).values():
+                per_tensor.extend(n.to(device) for n in kernels.norms(tensors, norm_type, kernel))
+            if not per_tensor:
+                return torch.zeros((), dtype=torch.float32, device=device)
+            total = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+            if scale_by is not None:
+                total = total * scale_by.to(device)
+        return total.float()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [g.tensor for g in self.grads]
+
+
+def is_inf_norm(norm_type: float) -> bool:
+    return math.isinf(norm_type)

@@ -52,7 +52,7 @@ class GradSet:
         self._versions = self._snapshot()
 
     def _snapshot(self) -> list[tuple[int, int]]:
-        return [(id(g.tensor), g.tensor._version) for g in self.grads]
+        return [(id(g.source), g.tensor._version) for g in self.grads]
 
     def refresh_versions(self) -> None:
         """Record our own in-place writes, so they do not count as a change."""
@@ -62,7 +62,7 @@ class GradSet:
         """Whether ``optimizer``'s grads are still exactly the tensors and versions checked."""
         now = GradSet(optimizer, rank)
         same_objects = len(now.grads) == len(self.grads) and all(
-            a.tensor is b.tensor for a, b in zip(now.grads, self.grads, strict=True)
+            a.source is b.source for a, b in zip(now.grads, self.grads, strict=True)
         )
         return same_objects and now._versions == self._versions
 
@@ -99,7 +99,8 @@ class GradSet:
         exactly what ``torch.nn.utils.clip_grad_norm_`` computes on one process.
         ``scale_by`` multiplies the result (``inv_scale`` when the grads are still scaled).
         """
-        counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None]
+        # Empty shards contribute nothing (and torch's inf-norm refuses them).
+        counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None and g.norm_tensor.numel()]
         per_tensor: list[torch.Tensor] = []
         with torch.no_grad():
             for tensors in _group(counted).values():

@@ -29,6 +29,8 @@ __all__ = ["LocalGrad", "local_grads"]
 class LocalGrad:
     tensor: torch.Tensor
     """Local storage of the gradient: checked for inf/NaN and unscaled in place."""
+    source: torch.Tensor
+    """``param.grad`` itself (a DTensor's local view is a new object at every call)."""
     norm_tensor: torch.Tensor | None
     """The elements this rank counts toward the global norm (None: counted elsewhere)."""
 
@@ -64,7 +66,7 @@ def _flat_param_view(param: torch.Tensor, grad: torch.Tensor, rank: int) -> Loca
         padded == 0 and sharded is not None and unsharded is not None and sharded.numel() == unsharded.numel()
     )
     counted = grad[: grad.numel() - padded] if padded else grad
-    return LocalGrad(grad, counted if (rank == 0 or not replicated) else None)
+    return LocalGrad(grad, grad, counted if (rank == 0 or not replicated) else None)
 
 
 def local_grads(params: Iterable[torch.Tensor], rank: int) -> list[LocalGrad]:
@@ -84,18 +86,19 @@ def local_grads(params: Iterable[torch.Tensor], rank: int) -> list[LocalGrad]:
             continue
         if dtensor is not None and isinstance(grad, dtensor):
             local = grad.to_local()
-            out.append(LocalGrad(local, local if _owns_dtensor(grad) else None))
+            out.append(LocalGrad(local, grad, local if _owns_dtensor(grad) else None))
             continue
         if grad.is_sparse:
             if grad.dtype is torch.float16 and not grad.is_coalesced():
                 # Duplicate indices would overflow when summed later; check the coalesced values.
                 param.grad = grad = grad.coalesce()
             values = grad._values()
-            out.append(LocalGrad(values, values if rank == 0 else None))
+            out.append(LocalGrad(values, grad, values if rank == 0 else None))
             continue
-        if type(param).__name__ == "FlatParameter":
+        # FlatParameter (its instances report type Parameter): shard metadata set for every strategy.
+        if hasattr(param, "_unpadded_unsharded_size") and hasattr(param, "_sharded_size"):
             out.append(_flat_param_view(param, grad, rank))
             continue
         fsdp1_orig = getattr(param, "_fsdp_flattened", False)
-        out.append(LocalGrad(grad, grad if (fsdp1_orig or rank == 0) else None))
+        out.append(LocalGrad(grad, grad, grad if (fsdp1_orig or rank == 0) else None))
     return out

@@ -1,0 +1,329 @@
+"""Training setups run inside spawned gloo ranks (imported by the children, so keep it importable).
+
+Every setup trains the same small MLP with fp16 autocast on CPU, plants inf/NaN into *one* rank's
+local gradient shard after backward (an inf in the input would spread to every shard and hide
+bugs), and records per step: the scale, whether the optimizer applied the update, the backend
+collectives issued by the scaler calls (``gloo:*`` profiler events) and the host reads
+(``Tensor.item/__bool__/tolist/__float__/__int__``) made by the scaler calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import distscale
+
+INF, NAN = float("inf"), float("nan")
+# step -> (rank, value): planted after backward, into that rank's first non-empty local grad.
+PLANTS_2 = {2: (1, INF), 4: (0, NAN), 5: (1, -INF)}
+PLANTS_4 = {2: (3, INF), 4: (1, NAN), 5: (2, INF)}
+SYNC_METHODS = ("item", "__bool__", "tolist", "__float__", "__int__")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 1)  # out dim 1: a zero-size shard on rank 1 under FSDP2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def batch(dp_index: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + 100 * dp_index + step)
+    x = torch.randn(8, 16, generator=gen)
+    return x, x[:, :1] * 0.5 + 0.1
+
+
+def build(setup: str, rank: int, world: int) -> tuple[nn.Module, int, int]:
+    """Return (model, dp_index, dp_size) for ``setup``; every rank starts from the same weights."""
+    torch.manual_seed(0)
+    model = MLP()
+    if setup in ("ddp", "ddp_bucket_view"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, gradient_as_bucket_view=setup == "ddp_bucket_view"), rank, world
+    if setup.startswith("fsdp1"):
+        from torch.distributed.fsdp import CPUOffload, ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        wrapped = FSDP(
+            model,
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            use_orig_params=setup == "fsdp1_orig",
+            sharding_strategy=ShardingStrategy.NO_SHARD
+            if setup == "fsdp1_no_shard"
+            else ShardingStrategy.FULL_SHARD,
+            cpu_offload=CPUOffload(offload_params=setup == "fsdp1_offload"),
+        )
+        return wrapped, rank, world
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if setup == "fsdp2":
+        mesh = init_device_mesh("cpu", (world,))
+        dp_index, dp_size = rank, world
+    elif setup == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        dp_index, dp_size = rank, world
+    elif setup == "fsdp2_tp":
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(
+            model,
+            mesh2d["tp"],
+            {
+                "fc1": ColwiseParallel(),
+                "fc2": RowwiseParallel(),
+                "head": RowwiseParallel(input_layouts=Replicate()),
+            },
+        )
+        mesh = mesh2d["dp"]
+        dp_index, dp_size = mesh2d.get_coordinate()[0], 2
+    else:
+        raise ValueError(f"unknown setup {setup!r}")
+    for layer in (model.fc1, model.fc2, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, dp_index, dp_size
+
+
+def local_tensor(grad: torch.Tensor) -> torch.Tensor:
+    return grad._local_tensor if hasattr(grad, "_local_tensor") else grad
+
+
+def plant(model: nn.Module, value: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None and local_tensor(p.grad).numel() > 0:
+            local_tensor(p.grad).view(-1)[0] = value
+            return
+    raise AssertionError("no local gradient to plant into")
+
+
+def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if kind == "adamw_fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    if kind == "adam_fused":
+        return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    raise ValueError(kind)
+
+
+def make_scaler(kind: str, **kwargs: Any) -> Any:
+    args = {"init_scale": 2.0**10, "growth_interval": 3, **kwargs}
+    if kind == "distscale":
+        return distscale.GradScaler("cpu", **args)
+    hysteresis = args.pop("hysteresis", 1)
+    assert hysteresis == 1
+    if kind == "torch":
+        return torch.amp.GradScaler("cpu", **args)
+    if kind == "sharded":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler("cpu", **args)
+    raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def count_host_reads(counter: dict[str, int]) -> Iterator[None]:
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def wrap(name: str):
+        original = originals[name]
+
+        def counted(self, *args, **kwargs):
+            counter["n"] += 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in SYNC_METHODS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@contextlib.contextmanager
+def count_collectives(counter: dict[str, int]) -> Iterator[None]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield
+    counter["n"] += sum(1 for e in prof.events() if e.name.startswith("gloo:"))
+
+
+def local_snapshot(model: nn.Module) -> list[torch.Tensor]:
+    return [local_tensor(p.detach()).clone() for p in model.parameters()]
+
+
+def train(
+    setup: str,
+    rank: int,
+    world: int,
+    *,
+    scaler_kind: str = "distscale",
+    optimizer: str = "sgd",
+    explicit_unscale: bool = False,
+    clip: bool = False,
+    steps: int = 7,
+    plants: dict[int, tuple[int, float]] | None = None,
+    scaler_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``steps`` steps; return per-step records (or the error a scaler raised)."""
+    plants = PLANTS_2 if plants is None else plants
+    model, dp_index, _ = build(setup, rank, world)
+    opt = make_optimizer(optimizer, model)
+    scaler = make_scaler(scaler_kind, **(scaler_kwargs or {}))
+    out: dict[str, Any] = {"scales": [], "stepped": [], "collectives": [], "host_reads": [], "error": None}
+    try:
+        for step in range(steps):
+            x, y = batch(dp_index, step)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            if step in plants and plants[step][0] == rank:
+                plant(model, plants[step][1])
+            before = local_snapshot(model)
+            colls, reads = {"n": 0}, {"n": 0}
+            with count_collectives(colls), count_host_reads(reads):
+                if clip:
+                    if scaler_kind == "distscale":
+                        scaler.clip_grad_norm_(opt, 1.0)
+                    else:
+                        scaler.unscale_(opt)
+                        clip_peer(model, 1.0)
+                elif explicit_unscale:
+                    scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+            after = local_snapshot(model)
+            out["stepped"].append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+            out["scales"].append(scaler.get_scale())
+            out["collectives"].append(colls["n"])
+            out["host_reads"].append(reads["n"])
+    except Exception as exc:  # a peer scaler failing is a measured outcome, not a test crash
+        out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return out
+
+
+def clip_peer(model: nn.Module, max_norm: float) -> None:
+    """The peers' clipping: FSDP1's own method, torch's (DTensor-aware) function otherwise."""
+    if hasattr(model, "clip_grad_norm_"):
+        model.clip_grad_norm_(max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+# ---------------------------------------------------------------------------- grouped jobs
+
+
+MATRIX_2 = ["ddp", "ddp_bucket_view", "fsdp1", "fsdp1_orig", "fsdp1_no_shard", "fsdp1_offload", "fsdp2"]
+MATRIX_4 = ["hsdp", "fsdp2_tp"]
+VARIANTS = [
+    {"optimizer": "sgd"},
+    {"optimizer": "sgd", "clip": True},
+    {"optimizer": "adamw_fused"},
+    {"optimizer": "adamw_fused", "explicit_unscale": True},
+    {"optimizer": "adamw_fused", "clip": True},
+]
+
+
+def job_matrix(rank: int, world: int, setups: list[str], scaler_kinds: list[str]) -> dict:
+    plants = PLANTS_2 if world == 2 else PLANTS_4
+    results = {}
+    for setup in setups:
+        for kind in scaler_kinds:
+            for variant in VARIANTS:
+                key = (setup, kind, tuple(sorted(variant.items())))
+                results[key] = train(setup, rank, world, scaler_kind=kind, plants=plants, **variant)
+    return results
+
+
+def reference_grads(dp_size: int, step: int) -> list[torch.Tensor]:
+    """Full, unsharded gradients of the mean loss over the data-parallel batches (fp32)."""
+    torch.manual_seed(0)
+    model = MLP()
+    losses = [nn.functional.mse_loss(model(x), y) for x, y in (batch(d, step) for d in range(dp_size))]
+    (sum(losses) / dp_size).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def job_norms(rank: int, world: int, setups: list[str]) -> dict:
+    """distscale's clip norm (fp32, no autocast) against the norm of the full gradients."""
+    out = {}
+    for setup in setups:
+        for norm_type in (2.0, INF):
+            for optimizer in ("sgd", "adamw_fused"):
+                model, dp_index, dp_size = build(setup, rank, world)
+                opt = make_optimizer(optimizer, model)
+                scaler = make_scaler("distscale", init_scale=2.0**8)
+                x, y = batch(dp_index, 0)
+                scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+                got = scaler.clip_grad_norm_(opt, 1e9, norm_type=norm_type).item()
+                full = reference_grads(dp_size, 0)
+                want = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g, norm_type) for g in full]), norm_type
+                ).item()
+                out[(setup, norm_type, optimizer)] = (got, want)
+    return out
+
+
+def job_multi_optimizer(rank: int, world: int) -> dict:
+    """Two optimizers sharing one scaler under FSDP2: one collective per step from step 2 on."""
+    model, dp_index, _ = build("fsdp2", rank, world)
+    opt_a = torch.optim.SGD(list(model.fc1.parameters()) + list(model.fc2.parameters()), lr=0.05)
+    opt_b = torch.optim.AdamW(model.head.parameters(), lr=1e-2, fused=True)
+    scaler = make_scaler("distscale")
+    out: dict[str, Any] = {"scales": [], "collectives": [], "host_reads": []}
+    for step in range(6):
+        x, y = batch(dp_index, step)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        if step == 3 and rank == 0:  # rank 1 holds zero-size shards of head
+            plant(model.head, INF)
+        colls, reads = {"n": 0}, {"n": 0}
+        with count_collectives(colls), count_host_reads(reads):
+            scaler.clip_grad_norm_(opt_a, 1.0)
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+        out["scales"].append(scaler.get_scale())
+        out["collectives"].append(colls["n"])
+        out["host_reads"].append(reads["n"])
+    return out
+
+
+def job_consistency_check(rank: int, world: int) -> str:
+    """Ranks whose scale state diverged are named by an InconsistentStateError on every rank."""
+    model, dp_index, _ = build("ddp", rank, world)
+    opt = make_optimizer("sgd", model)
+    scaler = make_scaler("distscale", check_consistency=1)
+    for step in range(3):
+        x, y = batch(dp_index, step)
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if step == 2 and rank == 1:
+            scaler._state.scale.mul_(2.0)  # simulate a rank whose state drifted
+        try:
+            scaler.step(opt)
+        except distscale.InconsistentStateError as exc:
+            return str(exc)
+        scaler.update()
+    return "no error"

@@ -327,3 +327,50 @@ def job_consistency_check(rank: int, world: int) -> str:
             return str(exc)
         scaler.update()
     return "no error"
+
+
+# ---------------------------------------------------------------------------- checkpoint / resume
+
+RESUME_PLANTS = {1: (1, INF), 3: (0, NAN), 4: (1, INF), 6: (0, INF), 7: (1, NAN)}
+RESUME_SETUPS = {"ddp": "sgd", "fsdp2": "adamw_fused"}
+
+
+def _resume_state(model: nn.Module, opt: torch.optim.Optimizer, scaler: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optim": optim_sd, "scaler": scaler}
+
+
+def job_resume(rank: int, world: int, mode: str, ckpt_root: str, k: int, total: int) -> dict:
+    """mode "full": train ``total`` steps; "save": train ``k`` steps and save through DCP;
+    "resume": load in fresh processes and train steps ``k..total``. Returns scales and local params."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    out = {}
+    for setup, optimizer in RESUME_SETUPS.items():
+        model, dp_index, _ = build(setup, rank, world)
+        opt = make_optimizer(optimizer, model)
+        scaler = make_scaler("distscale", hysteresis=2)
+        start, stop = {"full": (0, total), "save": (0, k), "resume": (k, total)}[mode]
+        if mode == "resume":
+            state = _resume_state(model, opt, scaler)
+            dcp.load(state, checkpoint_id=f"{ckpt_root}/{setup}")
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scales = []
+        for step in range(start, stop):
+            x, y = batch(dp_index, step)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            if step in RESUME_PLANTS and RESUME_PLANTS[step][0] == rank:
+                plant(model, RESUME_PLANTS[step][1])
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.state_dict()["state"])
+        if mode == "save":
+            dcp.save(_resume_state(model, opt, scaler), checkpoint_id=f"{ckpt_root}/{setup}")
+        out[setup] = {"states": scales, "params": local_snapshot(model)}
+    return out

@@ -66,7 +66,12 @@ def _cell(row: dict) -> str:
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| setup | variant | " + " | ".join(SCALERS) + " |", "|---|---|" + "---|" * len(SCALERS)]
+    lines = [
+        header,
+        "",
+        "| setup | variant | " + " | ".join(SCALERS) + " |",
+        "|---|---|" + "---|" * len(SCALERS),
+    ]
     seen = {}
     for row in rows:
         seen.setdefault((row["setup"], row["variant"]), {})[row["scaler"]] = row

@@ -100,7 +100,7 @@ def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[Scal
         }
     else:
         version = state_dict["format_version"]
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise ValueError(
                 f"GradScaler state_dict format_version {version!r} is not supported "
                 f"(this distscale reads version {FORMAT_VERSION})."
@@ -132,6 +132,11 @@ def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[Scal
         raise TypeError(f"GradScaler state_dict scale must be a float, got {type(scale).__name__}.")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"GradScaler state_dict scale must be finite and > 0, got {scale!r}.")
+    if not config.contains(float(scale)):
+        raise ValueError(
+            f"GradScaler state_dict scale {scale!r} is outside [min_scale, max_scale] = "
+            f"[{config.min_scale}, {config.max_scale}]."
+        )
     values: dict[str, Any] = {"scale": float(scale)}
     values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], 0)
     values["hysteresis_tracker"] = _int("hysteresis_tracker", raw["hysteresis_tracker"], 0, config.hysteresis)

@@ -8,6 +8,7 @@ value, so a typo in a launch config fails at construction rather than a thousand
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -18,16 +19,16 @@ HYSTERESIS_REFILL_CHOICES: tuple[str, ...] = ("growth", "clean_step")
 
 
 def _require_number(name: str, value: object) -> float:
-    # bool is an int subclass; True as a growth factor is a bug, not a 1.0.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # bool is an int subclass; True as a growth factor is a bug, not a 1.0. numpy scalars pass.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
     return float(value)
 
 
 def _require_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
-    return value
+    return int(value)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -93,10 +94,31 @@ class ScalerConfig:
                 f"min_scale must be <= max_scale, got min_scale={self.min_scale!r} > "
                 f"max_scale={self.max_scale!r}."
             )
+        low = 0.0 if self.min_scale is None else self.min_scale
+        high = math.inf if self.max_scale is None else self.max_scale
+        if not low <= init_scale <= high:
+            raise ValueError(
+                f"init_scale must be within [min_scale, max_scale] = [{low}, {high}], "
+                f"got {self.init_scale!r}."
+            )
         if self.on_min_scale not in ON_MIN_SCALE_CHOICES:
             raise ValueError(
                 f"on_min_scale must be one of {ON_MIN_SCALE_CHOICES}, got {self.on_min_scale!r}."
             )
+
+        # Store plain Python numbers (numpy scalars would not load with weights_only=True).
+        for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        for name in ("growth_interval", "hysteresis"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+
+    def contains(self, scale: float) -> bool:
+        """Whether ``scale`` lies within [min_scale, max_scale]."""
+        return (self.min_scale is None or scale >= self.min_scale) and (
+            self.max_scale is None or scale <= self.max_scale
+        )
 
     def to_dict(self) -> dict[str, object]:
         """Plain-number form for ``state_dict`` (None bounds stay None)."""

@@ -7,7 +7,6 @@ gradients changed (another backward, ``zero_grad``) since they were checked.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -115,6 +114,10 @@ class GradSet:
     def tensors(self) -> list[torch.Tensor]:
         return [g.tensor for g in self.grads]
 
-
-def is_inf_norm(norm_type: float) -> bool:
-    return math.isinf(norm_type)
+    def mul_(self, factor: torch.Tensor) -> None:
+        """Multiply every local grad by ``factor`` in place (the clip), grouped by (device, dtype)
+        like ``torch.nn.utils.clip_grad_norm_`` so results match it bitwise. No host sync."""
+        with torch.no_grad():
+            for (device, _), tensors in _group(self.tensors()).items():
+                torch._foreach_mul_(tensors, factor.to(device))
+        self.refresh_versions()

@@ -21,8 +21,8 @@ checked again, at the cost of a second collective in that step, never of a wrong
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
-import weakref
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, overload
@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 
 from distscale import checkpoint, policy
-from distscale._iteration import Batch, Iteration, OptRecord, OptState
+from distscale._iteration import OptState
+from distscale._step import StepSync
 from distscale.collectives import Packed, ReduceGroup
-from distscale.config import OnMinScale, ScalerConfig
-from distscale.errors import InconsistentStateError, MinScaleError, ScalerUsageError
+from distscale.config import HysteresisRefill, OnMinScale, ScalerConfig
+from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.overflow import GradSet
 
@@ -60,6 +61,8 @@ class GradScaler:
         init_scale, growth_factor, backoff_factor, growth_interval, enabled: as torch.
         hysteresis: overflows tolerated before a backoff (1: torch's rule). Each overflow spends
             one; all are restored when the scale grows (see ``ScalerConfig.hysteresis_refill``).
+        hysteresis_refill: "growth" (refill at each growth; DeepSpeed's default, Megatron) or
+            "clean_step" (refill after every step without overflow; DeepSpeed's consecutive_hysteresis).
         min_scale, max_scale: bounds of the scale (None: unbounded; the scale never grows to inf).
         on_min_scale: "clamp", "warn" or "raise" when an overflow finds the scale at min_scale.
         process_group: the ranks that share one skip decision; default: the world group once
@@ -81,6 +84,7 @@ class GradScaler:
         enabled: bool = True,
         *,
         hysteresis: int = 1,
+        hysteresis_refill: HysteresisRefill = "growth",
         min_scale: float | None = None,
         max_scale: float | None = None,
         on_min_scale: OnMinScale = "clamp",
@@ -108,6 +112,7 @@ class GradScaler:
             backoff_factor=backoff_factor,
             growth_interval=growth_interval,
             hysteresis=hysteresis,
+            hysteresis_refill=hysteresis_refill,
             min_scale=min_scale,
             max_scale=max_scale,
             on_min_scale=on_min_scale,
@@ -118,15 +123,12 @@ class GradScaler:
             warnings.warn("GradScaler is enabled, but CUDA is not available.  Disabling.", stacklevel=2)
             self._enabled = False
         self._reducer = ReduceGroup(process_group)
-        self._check_every = check_consistency
         self._kernel = kernel
+        self._sync = StepSync(self._reducer, kernel, check_consistency)
         # The state lives on the CPU until the first scale() moves it to the loss's device, so
         # load_state_dict() works before the first scale().
         self._state = policy.init_state(self._config, "cpu")
         self._initialized = False
-        self._iteration = Iteration()
-        self._plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
-        self._num_updates_host = 0  # host mirror of num_updates, for the consistency schedule
         self._min_event_host_seen = 0
 
     # ------------------------------------------------------------------ scaling the loss
@@ -174,128 +176,6 @@ class GradScaler:
         if not self._initialized:
             raise ScalerUsageError(f"Attempted {funcname} but _scale is None.  " + _FIX)
 
-    def _inv_scale(self) -> torch.Tensor:
-        # float64 reciprocal, as torch: float32 division is imprecise under some compile options.
-        return self._state.scale.double().reciprocal().float()
-
-    # ------------------------------------------------------------------ local checks
-
-    def _check(self, rec: OptRecord, optimizer: torch.optim.Optimizer, unscale: bool) -> None:
-        """Make sure ``rec`` holds a local flag for the current grads, unscaled if asked."""
-        rank = self._reducer.rank
-        if rec.checked and rec.unscaled:
-            # Unscaled grads are the user's to modify (clipping, say): never check them again.
-            return
-        if rec.checked and rec.grads is not None and rec.grads.unchanged_since(optimizer, rank):
-            if unscale and not rec.unscaled:
-                scratch = torch.zeros_like(rec.local_found_inf)
-                rec.grads.check_(scratch, self._inv_scale(), self._kernel, check=False)
-                rec.unscaled = True
-                self._apply_pending_clip(rec)
-            return
-        rec.invalidate()
-        rec.grads = GradSet(optimizer, rank)
-        rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=self._state.scale.device)
-        rec.grads.check_(rec.local_found_inf, self._inv_scale() if unscale else None, self._kernel)
-        rec.unscaled = unscale
-
-    def _apply_pending_clip(self, rec: OptRecord) -> None:
-        # A fused optimizer's clip coefficient was waiting to be folded into grad_scale, but the
-        # grads were unscaled in place meanwhile: apply it in place instead.
-        if rec.clip_coef is not None and rec.grads is not None:
-            _mul_(rec.grads.tensors(), rec.clip_coef)
-            rec.grads.refresh_versions()
-            rec.clip_coef = None
-
-    # ------------------------------------------------------------------ the one collective
-
-    def _reduce(self) -> None:
-        """Reduce every checked-but-unreduced record with one collective (none if all done)."""
-        it = self._iteration
-        if it.num_collectives == 0 and self._reducer.world_size > 1:
-            self._precheck_planned()
-        pending = [r for r in it.records.values() if r.checked and not r.reduced]
-        if not pending:
-            return
-        device = self._state.scale.device
-        world = self._reducer.world_size
-        inv_scale = self._inv_scale()
-        sums: list[torch.Tensor] = []
-        maxes: list[torch.Tensor] = []
-        for rec in pending:
-            if rec.norm_type is not None and rec.local_norm is None:
-                assert rec.grads is not None
-                rec.local_norm = rec.grads.local_norm(
-                    rec.norm_type, device, self._kernel, None if rec.unscaled else inv_scale
-                )
-            if rec.norm_type is not None and world > 1:
-                if math.isinf(rec.norm_type):
-                    maxes.append(rec.local_norm)
-                else:
-                    sums.append(rec.local_norm**rec.norm_type)
-        check = (
-            self._check_every > 0
-            and it.num_collectives == 0
-            and self._num_updates_host % self._check_every == 0
-        )
-        packed = Packed(
-            flags=[r.local_found_inf for r in pending],  # type: ignore[misc]
-            sums=sums,
-            maxes=maxes,
-            slots=self._fingerprint() if check and world > 1 else None,
-        )
-        out = self._reducer.reduce(packed, torch.float64 if packed.slots is not None else torch.float32)
-        it.num_collectives += 1
-        batch = Batch(torch.stack(out.flags))
-        sums_iter, maxes_iter = iter(out.sums), iter(out.maxes)
-        for index, (rec, flag) in enumerate(zip(pending, out.flags, strict=True)):
-            rec.found_inf, rec.batch, rec.batch_index = flag, batch, index
-            if rec.norm_type is None:
-                continue
-            if world == 1:
-                rec.total_norm = rec.local_norm
-            elif math.isinf(rec.norm_type):
-                rec.total_norm = next(maxes_iter)
-            else:
-                rec.total_norm = next(sums_iter) ** (1.0 / rec.norm_type)
-        if out.slots is not None:
-            self._verify(out.slots)
-
-    def _precheck_planned(self) -> None:
-        # Optimizers the last step used but this one has not touched yet: check them now
-        # (read-only) so their flags join this step's collective.
-        for ref, norm_type in self._plan:
-            optimizer = ref()
-            if optimizer is None or id(optimizer) in self._iteration.records:
-                continue
-            rec = self._iteration.record(optimizer)
-            self._check(rec, optimizer, unscale=False)
-            rec.norm_type = norm_type
-
-    def _fingerprint(self) -> torch.Tensor:
-        s = self._state
-        return torch.stack(
-            [
-                s.scale.double(),
-                s.growth_tracker.double(),
-                s.hysteresis_tracker.double(),
-                s.num_updates.double(),
-            ]
-        )
-
-    def _verify(self, table: torch.Tensor) -> None:
-        rows = [tuple(row) for row in table.tolist()]  # host sync, on check steps only
-        if len(set(rows)) == 1:
-            return
-        majority = max(set(rows), key=lambda r: (rows.count(r), -rows.index(r)))
-        bad = [rank for rank, row in enumerate(rows) if row != majority]
-        names = ("scale", "growth_tracker", "hysteresis_tracker", "num_updates")
-        detail = "; ".join(f"rank {r}: {dict(zip(names, rows[r], strict=True))}" for r in bad)
-        raise InconsistentStateError(
-            f"GradScaler state differs across ranks {bad} (majority: {dict(zip(names, majority, strict=True))}); "
-            f"{detail}. Ranks must run the same scaler calls and load the same checkpoint."
-        )
-
     # ------------------------------------------------------------------ public step API
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -308,14 +188,14 @@ class GradScaler:
         if not self._enabled:
             return
         self._require_init("unscale_")
-        rec = self._iteration.record(optimizer)
+        rec = self._sync.iteration.record(optimizer)
         if rec.stage is OptState.UNSCALED:
             raise RuntimeError(
                 "unscale_() has already been called on this optimizer since the last update()."
             )
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        self._check(rec, optimizer, unscale=True)
+        self._sync.check(rec, optimizer, self._state, unscale=True)
         rec.stage = OptState.UNSCALED
 
     def clip_grad_norm_(
@@ -332,14 +212,14 @@ class GradScaler:
         """
         max_norm = float(max_norm)
         norm_type = float(norm_type)
-        if not (max_norm >= 0 and math.isfinite(max_norm)):
-            raise ValueError(f"max_norm must be finite and >= 0, got {max_norm!r}.")
+        if not max_norm >= 0:  # also rejects NaN; inf means no clipping, as torch
+            raise ValueError(f"max_norm must be >= 0, got {max_norm!r}.")
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}.")
         if not self._enabled:
             return self._clip_unscaled(optimizer, max_norm, norm_type)
         self._require_init("clip_grad_norm_")
-        rec = self._iteration.record(optimizer)
+        rec = self._sync.iteration.record(optimizer)
         if rec.clipped:
             raise RuntimeError(
                 "clip_grad_norm_() has already been called on this optimizer since the last update()."
@@ -347,18 +227,17 @@ class GradScaler:
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("clip_grad_norm_() is being called after step().")
         unscale = rec.unscaled or not _fused(optimizer)
-        self._check(rec, optimizer, unscale=unscale)
+        self._sync.check(rec, optimizer, self._state, unscale=unscale)
         if rec.norm_type != norm_type:
             rec.norm_type, rec.local_norm, rec.total_norm = norm_type, None, None
-        self._reduce()
+        self._sync.reduce(self._state)
         assert rec.total_norm is not None
         coef = torch.clamp(max_norm / (rec.total_norm + 1e-6), max=1.0)
         rec.clipped = True
         if rec.unscaled:
             rec.stage = OptState.UNSCALED
             assert rec.grads is not None
-            _mul_(rec.grads.tensors(), coef)
-            rec.grads.refresh_versions()
+            rec.grads.mul_(coef)
         else:
             rec.clip_coef = coef
         return rec.total_norm
@@ -369,7 +248,7 @@ class GradScaler:
         # Disabled scaler (bf16/fp32 training): a plain shard-aware clip, one collective.
         grads = GradSet(optimizer, self._reducer.rank)
         tensors = grads.tensors()
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = tensors[0].device if tensors else torch.device("cpu")  # a rank may hold no grads
         local = grads.local_norm(norm_type, device, self._kernel, None)
         if self._reducer.world_size == 1:
             total = local
@@ -377,7 +256,7 @@ class GradScaler:
             total = self._reducer.reduce(Packed([], [], [local])).maxes[0]
         else:
             total = self._reducer.reduce(Packed([], [local**norm_type], [])).sums[0] ** (1.0 / norm_type)
-        _mul_(tensors, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        grads.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -395,12 +274,12 @@ class GradScaler:
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._require_init("step")
-        rec = self._iteration.record(optimizer)
+        rec = self._sync.iteration.record(optimizer)
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
         if _fused(optimizer):
-            self._check(rec, optimizer, unscale=rec.unscaled)
-            self._reduce()
+            self._sync.check(rec, optimizer, self._state, unscale=rec.unscaled)
+            self._sync.reduce(self._state)
             user_scale = getattr(optimizer, "grad_scale", None)
             if rec.unscaled:
                 grad_scale = user_scale
@@ -417,9 +296,9 @@ class GradScaler:
                 del optimizer.found_inf  # type: ignore[attr-defined]
             rec.stage = OptState.STEPPED
             return retval
-        self._check(rec, optimizer, unscale=True)
-        self._apply_pending_clip(rec)
-        self._reduce()
+        self._sync.check(rec, optimizer, self._state, unscale=True)
+        self._sync.apply_pending_clip(rec)
+        self._sync.reduce(self._state)
         assert rec.batch is not None
         retval = None
         if not rec.batch.read()[rec.batch_index]:
@@ -440,10 +319,10 @@ class GradScaler:
         if new_scale is not None:
             self._set_scale(new_scale)
         else:
-            records = [r for r in self._iteration.records.values() if r.checked]
+            records = [r for r in self._sync.iteration.records.values() if r.checked]
             if not records:
                 raise ScalerUsageError("No inf checks were recorded prior to update.")
-            self._reduce()
+            self._sync.reduce(self._state)
             found = records[0].found_inf
             for rec in records[1:]:
                 found = found + rec.found_inf  # type: ignore[operator]
@@ -452,15 +331,11 @@ class GradScaler:
             new = policy.update(old, found, self._config)
             for dst, src in zip(old, new, strict=True):
                 dst.copy_(src)
-            self._num_updates_host += 1
-            if self._config.on_min_scale != "clamp" and self._config.min_scale is not None:
-                self._report_min_scale()
-        self._plan = [
-            (rec.optimizer, rec.norm_type if rec.clipped else None)
-            for rec in self._iteration.records.values()
-            if rec.checked
-        ]
-        self._iteration = Iteration()
+            self._sync.num_updates_host += 1
+        # Close the step before reporting, so a MinScaleError leaves a usable scaler behind.
+        self._sync.finish()
+        if new_scale is None and self._config.on_min_scale != "clamp" and self._config.min_scale is not None:
+            self._report_min_scale()
 
     def _set_scale(self, new_scale: float | torch.Tensor) -> None:
         if isinstance(new_scale, torch.Tensor):
@@ -472,10 +347,13 @@ class GradScaler:
                 )
             self._state.scale.copy_(new_scale.reshape(()))
             return
-        if isinstance(new_scale, bool) or not isinstance(new_scale, (int, float)):
+        if isinstance(new_scale, bool) or not isinstance(new_scale, numbers.Real):
             raise TypeError(f"new_scale must be a float or a tensor, got {type(new_scale).__name__}.")
-        if not (math.isfinite(new_scale) and new_scale > 0):
-            raise ValueError(f"new_scale must be finite and > 0, got {new_scale!r}.")
+        if not (math.isfinite(new_scale) and new_scale > 0 and self._config.contains(new_scale)):
+            raise ValueError(
+                f"new_scale must be finite, > 0 and within [min_scale, max_scale] = "
+                f"[{self._config.min_scale}, {self._config.max_scale}], got {new_scale!r}."
+            )
         self._state.scale.fill_(float(new_scale))
 
     def _report_min_scale(self) -> None:
@@ -557,11 +435,11 @@ class GradScaler:
         self._config = config
         for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
             tensor.fill_(values[name])
-        self._num_updates_host = values["num_updates"]
+        self._sync.num_updates_host = values["num_updates"]
         self._min_event_host_seen = values["num_min_scale_events"]
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._iteration.records:
+        if self._sync.iteration.records:
             raise ScalerUsageError(
                 "A GradScaler instance may only be pickled at the beginning "
                 "of an iteration, or at the end after scaler.update()."
@@ -569,19 +447,10 @@ class GradScaler:
         state = self.__dict__.copy()
         state["_state"] = self._state.to("cpu")
         state["_initialized"] = False
-        state["_plan"] = []
+        # Process groups do not pickle: an unpickled scaler reduces over the default group.
         state["_reducer"] = ReduceGroup(None)
+        state["_sync"] = StepSync(state["_reducer"], self._kernel, self._sync.check_every)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-def _mul_(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
-    # Grouped by (device, dtype) like torch.nn.utils.clip_grad_norm_, so results match it bitwise.
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    with torch.no_grad():
-        for (device, _), group in groups.items():
-            torch._foreach_mul_(group, factor.to(device))

@@ -22,7 +22,9 @@ from distscale import GradScaler
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ddp", action="store_true", help="wrap with DDP instead of FSDP2")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
@@ -61,9 +63,13 @@ def main() -> None:
         scaler.step(opt)
         scaler.update()
         if rank == 0:
-            print(f"step {step:2d}  loss {loss.item():8.4f}  grad norm {norm.item():9.4f}  scale {scaler.get_scale():7.0f}")
+            print(
+                f"step {step:2d}  loss {loss.item():8.4f}  grad norm {norm.item():9.4f}  scale {scaler.get_scale():7.0f}"
+            )
     state = scaler.state_dict()["state"]
-    print(f"rank {rank}: scale {state['scale']:.0f}, skipped {state['num_skipped']} of {state['num_updates']} steps")
+    print(
+        f"rank {rank}: scale {state['scale']:.0f}, skipped {state['num_skipped']} of {state['num_updates']} steps"
+    )
     if distributed:
         dist.destroy_process_group()
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import pytest
+import torch
 
 from tests import dist_cases as dc
 from tests._dist import run_ranks

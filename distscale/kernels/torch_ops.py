@@ -22,4 +22,6 @@ def check_and_unscale_(
 
 
 def norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
-    return list(torch._foreach_norm(grads, norm_type))
+    # Accumulate 16-bit grads in float32: a scaled fp16 gradient's norm easily exceeds 65504.
+    dtype = torch.float32 if grads[0].dtype in (torch.float16, torch.bfloat16) else None
+    return list(torch._foreach_norm(grads, norm_type, dtype=dtype))

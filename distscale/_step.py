@@ -1,0 +1,144 @@
+"""The façade's per-step machinery: local checks, the single collective, the plan for next step.
+
+A step (the calls between two ``update()``) goes: local checks per optimizer (no communication),
+then at the first call that needs a job-wide answer, one collective carrying every checked
+optimizer's flag (and clip norm). The optimizers and clip norm types a step used become the
+*plan* of the next one: at its first collective, planned optimizers not checked yet are checked
+read-only so their flags travel in the same collective. If their gradients change afterwards
+(another backward, ``zero_grad``), version counters tell, and they are checked and reduced again.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from distscale import consistency
+from distscale._iteration import Batch, Iteration, OptRecord
+from distscale.collectives import Packed, ReduceGroup
+from distscale.overflow import GradSet
+from distscale.policy import ScaleState
+
+
+def inv_scale(state: ScaleState) -> torch.Tensor:
+    # float64 reciprocal, as torch: float32 division is imprecise under some compile options.
+    return state.scale.double().reciprocal().float()
+
+
+class StepSync:
+    def __init__(self, reducer: ReduceGroup, kernel: str, check_every: int) -> None:
+        self.reducer = reducer
+        self.kernel = kernel
+        self.check_every = check_every
+        self.iteration = Iteration()
+        self.plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
+        self.num_updates_host = 0  # host mirror of num_updates: the consistency-check schedule
+
+    def check(
+        self, rec: OptRecord, optimizer: torch.optim.Optimizer, state: ScaleState, unscale: bool
+    ) -> None:
+        """Make sure ``rec`` holds a local flag for the current grads, unscaled if asked. Local only."""
+        rank = self.reducer.rank
+        if rec.checked and rec.unscaled:
+            # Unscaled grads are the user's to modify (clipping, say): never check them again.
+            return
+        if rec.checked and rec.grads is not None and rec.grads.unchanged_since(optimizer, rank):
+            if unscale:
+                scratch = torch.zeros_like(state.scale)
+                rec.grads.check_(scratch, inv_scale(state), self.kernel, check=False)
+                rec.unscaled = True
+                self.apply_pending_clip(rec)
+            return
+        rec.invalidate()
+        rec.grads = GradSet(optimizer, rank)
+        rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
+        rec.grads.check_(rec.local_found_inf, inv_scale(state) if unscale else None, self.kernel)
+        rec.unscaled = unscale
+
+    @staticmethod
+    def apply_pending_clip(rec: OptRecord) -> None:
+        # A fused optimizer's clip coefficient was waiting to be folded into grad_scale, but the
+        # grads were unscaled in place meanwhile: apply it in place instead.
+        if rec.clip_coef is not None and rec.grads is not None:
+            rec.grads.mul_(rec.clip_coef)
+            rec.clip_coef = None
+
+    def reduce(self, state: ScaleState) -> None:
+        """Reduce every checked-but-unreduced record with one collective (none if all are done).
+
+        Every rank of the group calls it at the same point; the buffer layout depends only on
+        the call sequence. Host sync only on consistency-check steps.
+        """
+        it = self.iteration
+        world = self.reducer.world_size
+        if it.num_collectives == 0 and world > 1:
+            self._precheck_planned(state)
+        pending = [r for r in it.records.values() if r.checked and not r.reduced]
+        if not pending:
+            return
+        scale_by = inv_scale(state)
+        sums: list[torch.Tensor] = []
+        maxes: list[torch.Tensor] = []
+        for rec in pending:
+            if rec.norm_type is None:
+                continue
+            if rec.local_norm is None:
+                assert rec.grads is not None
+                rec.local_norm = rec.grads.local_norm(
+                    rec.norm_type, state.scale.device, self.kernel, None if rec.unscaled else scale_by
+                )
+            if world > 1:  # on one process the local norm is the norm: no power round trip
+                if math.isinf(rec.norm_type):
+                    maxes.append(rec.local_norm)
+                else:
+                    sums.append(rec.local_norm**rec.norm_type)
+        check = (
+            world > 1
+            and self.check_every > 0
+            and it.num_collectives == 0
+            and self.num_updates_host % self.check_every == 0
+        )
+        packed = Packed(
+            flags=[r.local_found_inf for r in pending],  # type: ignore[misc]
+            sums=sums,
+            maxes=maxes,
+            slots=consistency.fingerprint(state) if check else None,
+        )
+        out = self.reducer.reduce(packed, torch.float64 if check else torch.float32)
+        it.num_collectives += 1
+        batch = Batch(torch.stack(out.flags))
+        sums_iter, maxes_iter = iter(out.sums), iter(out.maxes)
+        for index, (rec, flag) in enumerate(zip(pending, out.flags, strict=True)):
+            rec.found_inf, rec.batch, rec.batch_index = flag, batch, index
+            if rec.norm_type is None:
+                continue
+            if world == 1:
+                rec.total_norm = rec.local_norm
+            elif math.isinf(rec.norm_type):
+                rec.total_norm = next(maxes_iter)
+            else:
+                rec.total_norm = next(sums_iter) ** (1.0 / rec.norm_type)
+        if out.slots is not None:
+            consistency.verify(out.slots)
+
+    def _precheck_planned(self, state: ScaleState) -> None:
+        # Optimizers the last step used but this one has not touched yet: check them now
+        # (read-only) so their flags join this step's collective.
+        for ref, norm_type in self.plan:
+            optimizer = ref()
+            if optimizer is None or id(optimizer) in self.iteration.records:
+                continue
+            rec = self.iteration.record(optimizer)
+            self.check(rec, optimizer, state, unscale=False)
+            rec.norm_type = norm_type
+
+    def finish(self) -> None:
+        """End the step: remember what it used, start a fresh iteration."""
+        self.plan = [
+            (rec.optimizer, rec.norm_type if rec.clipped else None)
+            for rec in self.iteration.records.values()
+            if rec.checked
+        ]
+        self.iteration = Iteration()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 import time
 import traceback
@@ -34,6 +35,12 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     with open(f"{workdir}/result-{rank}.pkl", "wb") as f:
         pickle.dump(result, f)
+    # Leave without running C++ static destructors: a background thread of torch's profiler or
+    # gloo torn down at interpreter exit occasionally aborts ("terminate called without an
+    # active exception") after the job has finished and its result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:

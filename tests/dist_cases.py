@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 import distscale
+from tests._syncs import count_host_syncs
 
 INF, NAN = float("inf"), float("nan")
 # step -> (rank, value): planted after backward, into that rank's first non-empty local grad.
 PLANTS_2 = {2: (1, INF), 4: (0, NAN), 5: (1, -INF)}
 PLANTS_4 = {2: (3, INF), 4: (1, NAN), 5: (2, INF)}
-SYNC_METHODS = ("item", "__bool__", "tolist", "__float__", "__int__")
 
 
 class MLP(nn.Module):
@@ -111,6 +111,25 @@ def plant(model: nn.Module, value: float) -> None:
     raise AssertionError("no local gradient to plant into")
 
 
+def forward_backward(
+    model: nn.Module,
+    scaler: Any,
+    opt: torch.optim.Optimizer,
+    rank: int,
+    dp_index: int,
+    step: int,
+    plants: dict,
+) -> None:
+    """One fp16 forward/backward on this rank's batch, then plant inf/NaN if this rank is due."""
+    x, y = batch(dp_index, step)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+    if step in plants and plants[step][0] == rank:
+        plant(model, plants[step][1])
+
+
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -134,28 +153,6 @@ def make_scaler(kind: str, **kwargs: Any) -> Any:
 
         return ShardedGradScaler("cpu", **args)
     raise ValueError(kind)
-
-
-@contextlib.contextmanager
-def count_host_reads(counter: dict[str, int]) -> Iterator[None]:
-    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
-
-    def wrap(name: str):
-        original = originals[name]
-
-        def counted(self, *args, **kwargs):
-            counter["n"] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in SYNC_METHODS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 @contextlib.contextmanager
@@ -190,16 +187,10 @@ def train(
     out: dict[str, Any] = {"scales": [], "stepped": [], "collectives": [], "host_reads": [], "error": None}
     try:
         for step in range(steps):
-            x, y = batch(dp_index, step)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = nn.functional.mse_loss(model(x).float(), y)
-            scaler.scale(loss).backward()
-            if step in plants and plants[step][0] == rank:
-                plant(model, plants[step][1])
+            forward_backward(model, scaler, opt, rank, dp_index, step, plants)
             before = local_snapshot(model)
-            colls, reads = {"n": 0}, {"n": 0}
-            with count_collectives(colls), count_host_reads(reads):
+            colls = {"n": 0}
+            with count_collectives(colls), count_host_syncs() as reads:
                 if clip:
                     if scaler_kind == "distscale":
                         scaler.clip_grad_norm_(opt, 1.0)
@@ -214,7 +205,7 @@ def train(
             out["stepped"].append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
             out["scales"].append(scaler.get_scale())
             out["collectives"].append(colls["n"])
-            out["host_reads"].append(reads["n"])
+            out["host_reads"].append(sum(reads.values()))
     except Exception as exc:  # a peer scaler failing is a measured outcome, not a test crash
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return out
@@ -298,15 +289,15 @@ def job_multi_optimizer(rank: int, world: int) -> dict:
         scaler.scale(loss).backward()
         if step == 3 and rank == 0:  # rank 1 holds zero-size shards of head
             plant(model.head, INF)
-        colls, reads = {"n": 0}, {"n": 0}
-        with count_collectives(colls), count_host_reads(reads):
+        colls = {"n": 0}
+        with count_collectives(colls), count_host_syncs() as reads:
             scaler.clip_grad_norm_(opt_a, 1.0)
             scaler.step(opt_a)
             scaler.step(opt_b)
             scaler.update()
         out["scales"].append(scaler.get_scale())
         out["collectives"].append(colls["n"])
-        out["host_reads"].append(reads["n"])
+        out["host_reads"].append(sum(reads.values()))
     return out
 
 
@@ -360,13 +351,7 @@ def job_resume(rank: int, world: int, mode: str, ckpt_root: str, k: int, total: 
             set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scales = []
         for step in range(start, stop):
-            x, y = batch(dp_index, step)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = nn.functional.mse_loss(model(x).float(), y)
-            scaler.scale(loss).backward()
-            if step in RESUME_PLANTS and RESUME_PLANTS[step][0] == rank:
-                plant(model, RESUME_PLANTS[step][1])
+            forward_backward(model, scaler, opt, rank, dp_index, step, RESUME_PLANTS)
             scaler.step(opt)
             scaler.update()
             scales.append(scaler.state_dict()["state"])

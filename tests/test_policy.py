@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 
 import pytest
@@ -10,36 +9,9 @@ import torch
 
 from distscale import ScalerConfig
 from distscale.policy import STATE_DTYPES, ScaleState, init_state, update
+from tests._syncs import SYNC_METHODS, count_host_syncs
 
 INF = float("inf")
-SYNC_METHODS = ("item", "__bool__", "tolist", "__float__", "__int__")
-
-
-@contextlib.contextmanager
-def count_host_syncs():
-    """Count Python-level host reads of tensors (item/bool/tolist/float/int) inside the block."""
-    counts: Counter[str] = Counter()
-    saved = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
-
-    def wrap(name):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in SYNC_METHODS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, original in saved.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
 
 
 def flag(value: float) -> torch.Tensor:

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import warnings
-from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
 from distscale import GradScaler, ScalerUsageError, kernels
+from tests._syncs import count_host_syncs
 
 INF = float("inf")
 NAN = float("nan")
-SYNC_METHODS = ("item", "__bool__", "tolist", "__float__", "__int__")
 SCALERS = {
     "ours": lambda **kw: GradScaler("cpu", **kw),
     "torch": lambda **kw: torch.amp.GradScaler("cpu", **kw),
 }
-
-
-@contextlib.contextmanager
-def count_host_syncs():
-    """Count Python-level host reads of tensors (item/bool/tolist/float/int) inside the block."""
-    counts: Counter[str] = Counter()
-    saved = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
-
-    def wrap(name):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in SYNC_METHODS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, original in saved.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
 
 
 def make(seed=0, dtype=torch.float32, opt="sgd"):

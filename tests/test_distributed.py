@@ -17,7 +17,7 @@ from tests._dist import run_ranks
 pytestmark = pytest.mark.slow
 
 # FSDP1's CPUOffload pins host memory, which torch refuses without an accelerator.
-CPU_ONLY_SKIP = {"fsdp1_offload": "FSDP1 CPUOffload pins memory and needs an accelerator"}
+CPU_ONLY_SKIP = {"fsdp1_offload": "FSDP1 CPUOffload needs an accelerator (pinned host buffers, device streams)"}
 
 
 def _check_matrix(results: list[dict], world: int) -> None:

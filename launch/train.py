@@ -1,0 +1,300 @@
+"""The distscale main job: a small GPT trained with fp16 loss scaling on any launcher.
+
+    python launch/train.py                                             # one process, CPU
+    torchrun --standalone --nproc_per_node=2 launch/train.py           # FSDP2 on 2 ranks
+    mpirun -np 2 python launch/train.py --parallel ddp                 # Open MPI (+ mpi4py)
+    srun python launch/train.py                                        # inside a Slurm allocation
+    sbatch slurm/train.sbatch                                          # multi-node template
+
+CPU + gloo is the embedded default; CUDA + NCCL when GPUs are present. The data is a synthetic
+Markov language generated from (seed, step), so runs are reproducible on any number of ranks.
+Checkpoints (model, optimizer, scaler, step, seeds) go through torch.distributed.checkpoint and
+are written atomically; ``--resume auto`` continues from the latest one exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch/ siblings, when run as a script
+
+import ckpt
+from gpt import GPT, Block, GPTConfig, MarkovLanguage
+
+from distscale import GradScaler
+from distscale.env import init_distributed
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--parallel", choices=["fsdp", "fsdp1", "ddp", "hsdp"], default="fsdp", help="fsdp = FSDP2"
+    )
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp16", help="autocast dtype (fp16 uses the scaler)"
+    )
+    p.add_argument("--optimizer", choices=["adamw", "adamw_fused", "sgd"], default="adamw_fused")
+    p.add_argument("--clip", type=float, default=1.0, help="max global grad norm; 0 disables clipping")
+    # A high first scale that calibrates down within a few steps (as production fp16 runs start:
+    # Megatron uses 2**32) and frequent growth, so a short run shows backoffs and growth.
+    p.add_argument("--init-scale", type=float, default=2.0**20)
+    p.add_argument("--growth-interval", type=int, default=20)
+    p.add_argument(
+        "--hsdp-shard", type=int, default=0, help="HSDP shard group size (default: ranks per node)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-dir", type=Path)
+    p.add_argument("--ckpt-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    p.add_argument("--resume", help='"auto" (latest checkpoint in --ckpt-dir, if any) or a checkpoint path')
+    p.add_argument("--metrics", type=Path, help="JSON lines: one per step, then a summary (rank 0)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument(
+        "--inject-failure", metavar="STEP:RANK", help="testing aid: SIGKILL RANK at STEP (first attempt)"
+    )
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.ckpt_every < 0:
+        p.error("--steps and --batch must be >= 1, --ckpt-every >= 0")
+    if args.ckpt_every and args.ckpt_dir is None:
+        p.error("--ckpt-every needs --ckpt-dir")
+    return args
+
+
+def build_model(args: argparse.Namespace, world: int, device: torch.device) -> tuple[nn.Module, int, int]:
+    """Wrap the GPT for ``args.parallel``; return (model, data-parallel rank, data-parallel size)."""
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = GPT(GPTConfig()).to(device)
+    rank = dist.get_rank()
+    if args.parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(model), rank, world
+    if args.parallel == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FSDP(model, device_id=device, auto_wrap_policy=ModuleWrapPolicy({Block})), rank, world
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if args.parallel == "hsdp":
+        shard = args.hsdp_shard or int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 2)))
+        if world % shard:
+            raise SystemExit(
+                f"--parallel hsdp: world size {world} is not a multiple of the shard size {shard}"
+            )
+        mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, rank, world
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr * 10, momentum=0.9)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, fused=args.optimizer == "adamw_fused")
+
+
+def checkpoint_state(
+    model: nn.Module, opt: torch.optim.Optimizer, scaler: GradScaler, step: int, args
+) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, opt)
+    # Data and every random choice are functions of (seed, step): the step *is* the data position
+    # and the RNG state, on any number of ranks.
+    train = {"step": step, "seed": args.seed, "batch": args.batch}
+    return {"model": model_sd, "optim": optim_sd, "scaler": scaler, "train": train}
+
+
+def restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: GradScaler, args) -> int:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = checkpoint_state(model, opt, scaler, 0, args)
+    ckpt.load(path, state)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if state["train"]["seed"] != args.seed or state["train"]["batch"] != args.batch:
+        raise SystemExit(
+            f"{path} was written with seed/batch {state['train']}; pass the same --seed and --batch"
+        )
+    return int(state["train"]["step"])
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of the full (unsharded) parameters: equal digests mean bitwise equal models. Collective."""
+    import contextlib
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
+
+    fsdp1 = isinstance(model, FSDP)
+    gather = FSDP.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext()
+    digest = hashlib.sha256()
+    with gather, torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            digest.update(name.encode())
+            # clone: a numpy view would pin the storage FSDP1 frees when it reshards
+            digest.update(full.detach().float().cpu().clone().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Progress:
+    """tqdm bar on rank 0 when tqdm is installed and wanted; log lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool, plain: bool) -> None:
+        self.bar = None
+        self.enabled = enabled
+        if enabled and not plain:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = f"loss {record['loss']:.4f} scale {record['scale']:g} skipped {record['skipped_total']}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif step % 10 == 0 or record["skipped"]:
+            print(f"step {step:5d}  {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    env = init_distributed()
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world = env.rank, env.world_size
+    model, dp_rank, dp_size = build_model(args, world, device)
+    opt = make_optimizer(args, model)
+    scaler = GradScaler(
+        device.type,
+        init_scale=args.init_scale,
+        growth_interval=args.growth_interval,
+        enabled=args.dtype == "fp16",
+    )
+    language = MarkovLanguage(GPTConfig().vocab)
+
+    start = 0
+    path = ckpt.resolve(args.resume, args.ckpt_dir) if args.resume else None
+    if path is not None:
+        start = restore(path, model, opt, scaler, args)
+        if rank == 0:
+            print(f"resumed from {path} at step {start}", flush=True)
+
+    fail_step, fail_rank = (
+        (int(x) for x in args.inject_failure.split(":")) if args.inject_failure else (-1, -1)
+    )
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    metrics = open(args.metrics, "a") if (args.metrics and rank == 0) else None
+    progress = Progress(args.steps, start, rank == 0, args.no_progress)
+    wall = time.perf_counter()
+    skipped_total = scaler.state_dict().get("state", {}).get("num_skipped", 0)
+    record: dict[str, Any] = {}
+    for step in range(start, args.steps):
+        if step == fail_step and rank == fail_rank and first_attempt:
+            os.kill(os.getpid(), signal.SIGKILL)  # the fault test: die without any cleanup
+        tic = time.perf_counter()
+        inputs, targets = language.local_batch(
+            step, args.batch, GPTConfig().context, args.seed, dp_rank, dp_size
+        )
+        inputs, targets = inputs.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
+            logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        norm = scaler.clip_grad_norm_(opt, args.clip) if args.clip > 0 else None
+        scaler.step(opt)
+        scaler.update()
+        # Logging (host reads and one all-reduce), outside the scaler's step.
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        state = scaler.state_dict().get("state", {"scale": 1.0, "num_skipped": 0})
+        skipped = state["num_skipped"] - skipped_total
+        skipped_total = state["num_skipped"]
+        record = {
+            "step": step,
+            "loss": global_loss.item() / world,
+            "scale": state["scale"],
+            "skipped": bool(skipped),
+            "skipped_total": skipped_total,
+            "grad_norm": None if norm is None else norm.item(),
+            "step_time": time.perf_counter() - tic,
+        }
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        progress.update(step, record)
+        done = step + 1
+        if args.ckpt_dir is not None and (
+            done == args.steps or (args.ckpt_every and done % args.ckpt_every == 0)
+        ):
+            meta = {"parallel": args.parallel, "world_size": world, "dtype": args.dtype}
+            ckpt.save(args.ckpt_dir, done, checkpoint_state(model, opt, scaler, done, args), meta)
+    progress.close()
+
+    summary = {
+        "summary": True,
+        "launcher": env.launcher,
+        "parallel": args.parallel,
+        "world_size": world,
+        "steps": args.steps,
+        "resumed_from": start,
+        "final_loss": record.get("loss"),
+        "best_possible_loss": language.best_loss,
+        "scale": scaler.get_scale(),
+        "skipped_steps": skipped_total,
+        "wall_time_s": time.perf_counter() - wall,
+        "model_sha256": model_digest(model),
+    }
+    scales = [None] * world
+    dist.all_gather_object(scales, summary["scale"])
+    summary["scale_by_rank"] = scales
+    if rank == 0:
+        print(
+            f"done: {args.steps - start} steps on {world} rank(s) ({env.launcher}, {args.parallel}) in "
+            f"{summary['wall_time_s']:.1f} s; final loss {summary['final_loss']:.4f} "
+            f"(floor {language.best_loss:.4f}); scale {summary['scale']:g} on every rank: "
+            f"{len(set(scales)) == 1}; skipped steps {skipped_total}",
+            flush=True,
+        )
+        if metrics is not None:
+            metrics.write(json.dumps(summary) + "\n")
+            metrics.close()
+    dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    # Skip interpreter teardown: torch 2.13's gloo/FSDP2 background threads occasionally abort
+    # there ("terminate called without an active exception") after all work is done and flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

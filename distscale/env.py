@@ -270,7 +270,8 @@ def init_distributed(
     import torch
     import torch.distributed as dist
 
-    env = detect_env(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    env = detect_env(environ)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -280,8 +281,16 @@ def init_distributed(
         addr, port = "127.0.0.1", _free_port()
     elif env.launcher == "mpi" and (addr is None or port is None):
         addr, port = _mpi_rendezvous(env)
-    if env.launcher == "torchrun":
-        dist.init_process_group(backend, timeout=timeout)  # env:// and torchelastic's store
+    if env.launcher == "torchrun" and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchelastic's agent hosts the store and keeps it across worker restarts, without a
+        # per-attempt prefix: a restarted rank could read its peer's gloo address from the
+        # failed attempt and hang or be refused. Namespace the keys by attempt.
+        attempt = environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
+        agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"/distscale/attempt_{attempt}/", agent_store)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    elif env.launcher == "torchrun":
+        dist.init_process_group(backend, timeout=timeout)  # env://
     else:
         dist.init_process_group(
             backend,

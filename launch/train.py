@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if rank == 0:
         print(
             f"done: {args.steps - start} steps on {world} rank(s) ({env.launcher}, {args.parallel}) in "
-            f"{summary['wall_time_s']:.1f} s; final loss {summary['final_loss']:.4f} "
+            f"{summary['wall_time_s']:.1f} s; final loss {summary['final_loss'] or float('nan'):.4f} "
             f"(floor {language.best_loss:.4f}); scale {summary['scale']:g} on every rank: "
             f"{len(set(scales)) == 1}; skipped steps {skipped_total}",
             flush=True,
@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    mpi = sys.modules.get("mpi4py.MPI")  # used for the rendezvous under mpirun
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun reports a rank that exits without it as a failure
     # Skip interpreter teardown: torch 2.13's gloo/FSDP2 background threads occasionally abort
     # there ("terminate called without an active exception") after all work is done and flushed.
     sys.stdout.flush()

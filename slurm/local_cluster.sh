@@ -63,7 +63,10 @@ stop() {
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
   pkill -x munged 2>/dev/null || true
-  for _ in $(seq 1 20); do pgrep -x "slurmd|slurmctld|munged" >/dev/null || return 0; sleep 0.25; done
+  for _ in $(seq 1 20); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || pgrep -x munged >/dev/null || return 0
+    sleep 0.25
+  done
 }
 
 case "${1:-}" in

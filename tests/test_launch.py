@@ -332,3 +332,42 @@ def test_sbatch_on_local_cluster(tmp_path, local_slurm, mode):
     check_run(summary, steps, 2)
     assert summary["launcher"] == ("slurm" if mode == "srun" else "torchrun")
     assert ckpt.complete_checkpoints(tmp_path / "ckpt"), "the job wrote no checkpoint"
+
+
+def _job_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
+
+
+def _wait_job(job_id: str, predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], capture_output=True)
+            raise AssertionError(
+                f"job {job_id}: {what} within {timeout:.0f} s (state {_job_field(job_id, 'JobState')})"
+            )
+        time.sleep(0.5)
+
+
+def test_sbatch_requeue_on_preemption_resumes_from_checkpoint(tmp_path, local_slurm):
+    """SIGUSR1 (what Slurm sends before preemption or the time limit) requeues the job, which resumes."""
+    metrics, ckpt_dir = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    job_id = run(
+        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--time=00:10:00",
+         f"--output={tmp_path / 'job-%j.out'}", f"--export=ALL,STEPS=150,CKPT_DIR={ckpt_dir}",
+         str(REPO / "slurm" / "train.sbatch"), "--metrics", str(metrics)],
+    ).stdout.strip().split(";")[0]  # fmt: skip
+    _wait_job(job_id, lambda: bool(ckpt.complete_checkpoints(ckpt_dir)), 120, "no checkpoint")
+    run(["scancel", "--signal=USR1", "--batch", job_id])
+    requeued = lambda: _job_field(job_id, "Restarts") == "1" and _job_field(job_id, "JobState") == "PENDING"  # noqa: E731
+    _wait_job(job_id, requeued, 60, "not requeued")
+    # Slurm holds a requeued job for ~2 minutes; let it start now.
+    run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    _wait_job(job_id, lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED"), 240, "not finished")
+    assert _job_field(job_id, "JobState") == "COMPLETED"
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert "requeueing job" in logs and "resumed from" in logs, logs[-3000:]
+    steps, summary = records(metrics)
+    assert summary["resumed_from"] >= 20 and steps[-1]["step"] == 149
+    assert len(set(summary["scale_by_rank"])) == 1

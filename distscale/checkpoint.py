@@ -1,15 +1,20 @@
 """The scaler's state as plain data: build, validate, and convert.
 
-Format (version 1), every value a Python number, string, bool or None, so
+Format (version 2), every value a Python number, string, bool or None, so
 ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint`` take it as is::
 
-    {"format_version": 1,
+    {"format_version": 2,
      "config": {init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
-                hysteresis_refill, min_scale, max_scale, on_min_scale},
+                hysteresis_refill, min_scale, max_scale, on_min_scale,
+                min_scale_rule, growth_delay, tolerance},
      "state": {scale, growth_tracker, hysteresis_tracker, num_updates, num_skipped,
-               num_min_scale_events},
+               num_min_scale_events, steps_since_rescale, overflows_since_backoff},
      # torch.amp.GradScaler's five keys, so either scaler loads the other's checkpoint:
      "scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+
+Version 1 (distscale 0.1: no ``min_scale_rule``, ``growth_delay``, ``tolerance``,
+``steps_since_rescale``, ``overflows_since_backoff``) still loads: the new settings take their
+defaults (the rule version 1 could express) and the new counters start at zero.
 
 ``validate`` checks everything before anything is applied, so a bad state leaves the scaler as
 it was.
@@ -24,7 +29,8 @@ from typing import Any
 
 from distscale.config import ScalerConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TORCH_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
 STATE_KEYS = (
     "scale",
@@ -33,9 +39,18 @@ STATE_KEYS = (
     "num_updates",
     "num_skipped",
     "num_min_scale_events",
+    "steps_since_rescale",
+    "overflows_since_backoff",
 )
 TOP_KEYS = frozenset({"format_version", "config", "state"}) | TORCH_KEYS
 CONFIG_KEYS = frozenset(ScalerConfig.__dataclass_fields__)
+# What version 1 lacks; loading it fills these with their defaults.
+V2_CONFIG_KEYS = frozenset({"min_scale_rule", "growth_delay", "tolerance"})
+V2_STATE_DEFAULTS = {"steps_since_rescale": 0, "overflows_since_backoff": 0}
+EXPECTED_KEYS = {
+    1: (CONFIG_KEYS - V2_CONFIG_KEYS, frozenset(STATE_KEYS) - set(V2_STATE_DEFAULTS)),
+    2: (CONFIG_KEYS, frozenset(STATE_KEYS)),
+}
 
 
 def build(config: ScalerConfig, state: Mapping[str, int | float]) -> dict[str, Any]:
@@ -97,22 +112,25 @@ def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[Scal
             "num_updates": 0,
             "num_skipped": 0,
             "num_min_scale_events": 0,
+            **V2_STATE_DEFAULTS,
         }
     else:
         version = state_dict["format_version"]
-        if type(version) is not int or version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise ValueError(
                 f"GradScaler state_dict format_version {version!r} is not supported "
-                f"(this distscale reads version {FORMAT_VERSION})."
+                f"(this distscale reads versions {list(READABLE_VERSIONS)})."
             )
         if keys != TOP_KEYS:
             raise _keys_error("", keys, TOP_KEYS)
         cfg, raw = state_dict["config"], state_dict["state"]
-        if not isinstance(cfg, Mapping) or set(cfg) != CONFIG_KEYS:
-            raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), CONFIG_KEYS)
-        if not isinstance(raw, Mapping) or set(raw) != set(STATE_KEYS):
-            raise _keys_error("['state']", set(raw) if isinstance(raw, Mapping) else set(), set(STATE_KEYS))
-        config = ScalerConfig(**cfg)  # validates every setting
+        config_keys, state_keys = EXPECTED_KEYS[version]
+        if not isinstance(cfg, Mapping) or set(cfg) != config_keys:
+            raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), config_keys)
+        if not isinstance(raw, Mapping) or set(raw) != state_keys:
+            raise _keys_error("['state']", set(raw) if isinstance(raw, Mapping) else set(), state_keys)
+        raw = {**V2_STATE_DEFAULTS, **raw}
+        config = ScalerConfig(**cfg)  # validates every setting; version 1 gets the new defaults
         # The torch-compatible duplicates must agree with the authoritative entries.
         duplicates = {
             "scale": raw["scale"],
@@ -125,7 +143,7 @@ def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[Scal
             if state_dict[key] != value:
                 raise ValueError(
                     f"GradScaler state_dict[{key!r}]={state_dict[key]!r} disagrees with the "
-                    f"format-{FORMAT_VERSION} entry {value!r}; the checkpoint was edited or corrupted."
+                    f"format-{version} entry {value!r}; the checkpoint was edited or corrupted."
                 )
     scale = raw["scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -138,8 +156,9 @@ def validate(state_dict: Mapping[str, Any], current: ScalerConfig) -> tuple[Scal
             f"[{config.min_scale}, {config.max_scale}]."
         )
     values: dict[str, Any] = {"scale": float(scale)}
-    values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], 0)
+    # growth_delay restarts the tracker below zero after an overflow.
+    values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], -config.growth_delay)
     values["hysteresis_tracker"] = _int("hysteresis_tracker", raw["hysteresis_tracker"], 0, config.hysteresis)
-    for key in ("num_updates", "num_skipped", "num_min_scale_events"):
+    for key in ("num_updates", "num_skipped", "num_min_scale_events", *V2_STATE_DEFAULTS):
         values[key] = _int(key, raw[key], 0)
     return config, values

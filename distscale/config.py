@@ -16,6 +16,8 @@ OnMinScale = Literal["clamp", "raise", "warn"]
 ON_MIN_SCALE_CHOICES: tuple[str, ...] = ("clamp", "raise", "warn")
 HysteresisRefill = Literal["growth", "clean_step"]
 HYSTERESIS_REFILL_CHOICES: tuple[str, ...] = ("growth", "clean_step")
+MinScaleRule = Literal["floor", "refuse"]
+MIN_SCALE_RULE_CHOICES: tuple[str, ...] = ("floor", "refuse")
 
 
 def _require_number(name: str, value: object) -> float:
@@ -55,8 +57,23 @@ class ScalerConfig:
     max_scale: float | None = None
     """Ceiling for growth (None: no ceiling). The scale never grows to inf either way."""
     on_min_scale: OnMinScale = "clamp"
-    """What an overflow at the floor does: "clamp" (stay at ``min_scale``, keep skipping),
-    "warn" (also ``warnings.warn``) or "raise" (``MinScaleError`` on every rank)."""
+    """What a min-scale event (see ``min_scale_rule``) does: "clamp" (nothing more: keep
+    skipping), "warn" (also ``warnings.warn``) or "raise" (``MinScaleError`` on every rank)."""
+    min_scale_rule: MinScaleRule = "floor"
+    """How ``min_scale`` bounds a backoff. "floor": the backoff is clamped at ``min_scale``; an
+    overflow that backs off from a scale already at ``min_scale`` is a min-scale event
+    (torch-style floor; DeepSpeed, Megatron). "refuse": an overflow after which the scale would be
+    ``<= min_scale`` keeps the previous scale and is a min-scale event (fairseq's
+    ``min_loss_scale``, which raises there)."""
+    growth_delay: int = 0
+    """Extra clean steps the first growth after an overflow (or after the start) waits for: the
+    growth tracker restarts at ``-growth_delay``. 0 for torch, Megatron and fairseq; 1 for
+    DeepSpeed, whose window counts from the overflowing iteration. >= 0."""
+    tolerance: float = 0.0
+    """fairseq's ``tolerance``: an overflow backs off only if the overflows since the last backoff
+    (this one included) make up at least this fraction of the steps since the last rescale
+    (backoff or growth; this step included). 0 backs off on every overflow. Finite and >= 0;
+    an alternative to ``hysteresis`` (the two cannot be combined)."""
 
     def __post_init__(self) -> None:
         init_scale = _require_number("init_scale", self.init_scale)
@@ -105,13 +122,28 @@ class ScalerConfig:
             raise ValueError(
                 f"on_min_scale must be one of {ON_MIN_SCALE_CHOICES}, got {self.on_min_scale!r}."
             )
+        if self.min_scale_rule not in MIN_SCALE_RULE_CHOICES:
+            raise ValueError(
+                f"min_scale_rule must be one of {MIN_SCALE_RULE_CHOICES}, got {self.min_scale_rule!r}."
+            )
+        if _require_int("growth_delay", self.growth_delay) < 0:
+            raise ValueError(f"growth_delay must be >= 0, got {self.growth_delay!r}.")
+        tolerance = _require_number("tolerance", self.tolerance)
+        if not (math.isfinite(tolerance) and tolerance >= 0.0):
+            raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance!r}.")
+        if tolerance > 0.0 and self.hysteresis > 1:
+            raise ValueError(
+                f"tolerance={self.tolerance!r} cannot be combined with hysteresis={self.hysteresis!r}: "
+                "both decide which overflows back off. HINT: use one of them (fairseq uses tolerance, "
+                "DeepSpeed and Megatron hysteresis)."
+            )
 
         # Store plain Python numbers (numpy scalars would not load with weights_only=True).
-        for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale"):
+        for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale", "tolerance"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
-        for name in ("growth_interval", "hysteresis"):
+        for name in ("growth_interval", "hysteresis", "growth_delay"):
             object.__setattr__(self, name, int(getattr(self, name)))
 
     def contains(self, scale: float) -> bool:

@@ -233,6 +233,9 @@ def _free_port() -> int:
 
 def _mpi_rendezvous(env: DistEnv) -> tuple[str, int]:
     """Rank 0 picks its address and a free port; mpi4py broadcasts them (the MPI extra)."""
+    import sys
+
+    ours = "mpi4py.MPI" not in sys.modules  # importing it initialises MPI
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -252,6 +255,10 @@ def _mpi_rendezvous(env: DistEnv) -> tuple[str, int]:
         else None
     )
     addr, port = comm.bcast(payload, root=0)
+    if ours:
+        # MPI was only needed to agree on the address: finalize now, with every rank at the same
+        # point and before torch starts its threads (a Finalize at exit hangs now and then).
+        MPI.Finalize()
     return addr, port
 
 

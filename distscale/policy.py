@@ -8,10 +8,17 @@ rank, so every rank computes the same next state.
 The rule, with ``found = found_inf > 0``::
 
     if found:                                   # the step was skipped
-        growth_tracker = 0
-        if hysteresis_tracker <= 1:             # hysteresis spent: back off
-            if scale <= min_scale: num_min_scale_events += 1
-            scale = max(scale * backoff_factor, min_scale)
+        growth_tracker = -growth_delay
+        backoff = hysteresis_tracker <= 1       # hysteresis spent
+        if tolerance > 0:                       # fairseq: enough overflows since the last rescale
+            backoff &= (overflows_since_backoff + 1) / (steps_since_rescale + 1) >= tolerance
+        new = scale * backoff_factor if backoff else scale
+        if min_scale_rule is "floor":           # clamp; an event when backing off from the floor
+            if backoff and scale <= min_scale: num_min_scale_events += 1
+            if backoff: scale = max(new, min_scale)
+        else:                                   # "refuse": keep the scale rather than reach min_scale
+            if new <= min_scale: num_min_scale_events += 1
+            else: scale = new
         hysteresis_tracker = max(hysteresis_tracker - 1, 0)
     else:
         growth_tracker += 1
@@ -21,9 +28,13 @@ The rule, with ``found = found_inf > 0``::
             growth_tracker = 0
         if refill is "clean_step" or the scale just grew (refill "growth"):
             hysteresis_tracker = hysteresis
+    steps_since_rescale = 0 if backoff or growth else steps_since_rescale + 1
+    overflows_since_backoff = 0 if backoff else overflows_since_backoff + found
 
 With ``hysteresis=1`` and no bounds this is ``torch._amp_update_scale_`` step for step: products
-are taken in float64 and rounded once to float32, as torch's kernels do.
+are taken in float64 and rounded once to float32, as torch's kernels do. The last two counters
+only feed ``tolerance``; they are kept (and checkpointed) whatever the settings, and a backoff
+refused by ``min_scale_rule="refuse"`` resets them as fairseq does before it raises.
 """
 
 from __future__ import annotations
@@ -45,7 +56,9 @@ class ScaleState(NamedTuple):
     hysteresis_tracker: torch.Tensor  # int32: overflows left before a backoff
     num_updates: torch.Tensor  # int64: update() calls that applied the rule
     num_skipped: torch.Tensor  # int64: steps skipped for inf/NaN
-    num_min_scale_events: torch.Tensor  # int64: overflows that found the scale at min_scale
+    num_min_scale_events: torch.Tensor  # int64: min-scale events (see ScalerConfig.min_scale_rule)
+    steps_since_rescale: torch.Tensor  # int64: updates since the last backoff or growth
+    overflows_since_backoff: torch.Tensor  # int64: overflows since the last backoff
 
     def to(self, device: torch.device | str) -> ScaleState:
         return ScaleState(*(t.to(device) for t in self))
@@ -58,6 +71,8 @@ STATE_DTYPES: dict[str, torch.dtype] = {
     "num_updates": torch.int64,
     "num_skipped": torch.int64,
     "num_min_scale_events": torch.int64,
+    "steps_since_rescale": torch.int64,
+    "overflows_since_backoff": torch.int64,
 }
 
 
@@ -65,11 +80,13 @@ def init_state(config: ScalerConfig, device: torch.device | str = "cpu") -> Scal
     """Fresh state: ``init_scale``, trackers at rest, counters at zero."""
     values = {
         "scale": config.init_scale,
-        "growth_tracker": 0,
+        "growth_tracker": -config.growth_delay,
         "hysteresis_tracker": config.hysteresis,
         "num_updates": 0,
         "num_skipped": 0,
         "num_min_scale_events": 0,
+        "steps_since_rescale": 0,
+        "overflows_since_backoff": 0,
     }
     return ScaleState(
         **{k: torch.full((), v, dtype=STATE_DTYPES[k], device=device) for k, v in values.items()}
@@ -93,8 +110,21 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
     max_scale = float("inf") if config.max_scale is None else config.max_scale
 
     do_backoff = found & (hysteresis_tracker <= 1)
-    min_event = do_backoff & (scale <= min_scale) if config.min_scale is not None else found & False
-    backed_off = torch.clamp(_times(scale, config.backoff_factor), min=min_scale)
+    if config.tolerance > 0:
+        # float64 quotient, as fairseq's Python float division.
+        ratio = (state.overflows_since_backoff + 1).double() / (state.steps_since_rescale + 1).double()
+        do_backoff = do_backoff & (ratio >= config.tolerance)
+    backed_off = _times(scale, config.backoff_factor)
+    if config.min_scale is None:
+        min_event = found & False
+        apply_backoff = do_backoff
+    elif config.min_scale_rule == "floor":
+        min_event = do_backoff & (scale <= min_scale)
+        apply_backoff = do_backoff
+        backed_off = torch.clamp(backed_off, min=min_scale)
+    else:  # "refuse": keep the scale when it would end at or below min_scale
+        min_event = found & (torch.where(do_backoff, backed_off, scale) <= min_scale)
+        apply_backoff = do_backoff & ~min_event
 
     successful = growth_tracker + 1
     do_growth = ~found & (successful >= config.growth_interval)
@@ -102,16 +132,21 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
     grown_ok = do_growth & torch.isfinite(grown)
 
     new_scale = torch.where(
-        do_backoff, backed_off, torch.where(grown_ok, torch.clamp(grown, max=max_scale), scale)
+        apply_backoff, backed_off, torch.where(grown_ok, torch.clamp(grown, max=max_scale), scale)
     )
     zero = torch.zeros_like(growth_tracker)
-    new_growth_tracker = torch.where(found | do_growth, zero, successful)
+    if config.growth_delay == 0:
+        new_growth_tracker = torch.where(found | do_growth, zero, successful)
+    else:
+        restart = torch.full_like(growth_tracker, -config.growth_delay)
+        new_growth_tracker = torch.where(found, restart, torch.where(do_growth, zero, successful))
     refill = do_growth if config.hysteresis_refill == "growth" else ~found
     new_hysteresis = torch.where(
         found,
         torch.clamp(hysteresis_tracker - 1, min=0),
         torch.where(refill, torch.full_like(hysteresis_tracker, config.hysteresis), hysteresis_tracker),
     )
+    steps, overflows = state.steps_since_rescale, state.overflows_since_backoff
     return ScaleState(
         scale=new_scale,
         growth_tracker=new_growth_tracker,
@@ -119,4 +154,8 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
         num_updates=state.num_updates + 1,
         num_skipped=state.num_skipped + found.to(state.num_skipped.dtype),
         num_min_scale_events=state.num_min_scale_events + min_event.to(torch.int64),
+        steps_since_rescale=torch.where(do_backoff | do_growth, torch.zeros_like(steps), steps + 1),
+        overflows_since_backoff=torch.where(
+            do_backoff, torch.zeros_like(overflows), overflows + found.to(overflows.dtype)
+        ),
     )

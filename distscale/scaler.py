@@ -20,21 +20,22 @@ checked again, at the cost of a second collective in that step, never of a wrong
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any, overload
 
 import torch
 import torch.distributed as dist
 
-from distscale import checkpoint, policy
+from distscale import checkpoint, policy, presets
 from distscale._iteration import OptState
 from distscale._step import StepSync
 from distscale.collectives import Packed, ReduceGroup
-from distscale.config import HysteresisRefill, OnMinScale, ScalerConfig
+from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.overflow import GradSet
@@ -64,7 +65,9 @@ class GradScaler:
         hysteresis_refill: "growth" (refill at each growth; DeepSpeed's default, Megatron) or
             "clean_step" (refill after every step without overflow; DeepSpeed's consecutive_hysteresis).
         min_scale, max_scale: bounds of the scale (None: unbounded; the scale never grows to inf).
-        on_min_scale: "clamp", "warn" or "raise" when an overflow finds the scale at min_scale.
+        on_min_scale: "clamp", "warn" or "raise" on a min-scale event (see ``min_scale_rule``).
+        min_scale_rule, growth_delay, tolerance: the rule variants the presets need (DeepSpeed,
+            Megatron, fairseq; see :class:`~distscale.ScalerConfig` and :mod:`distscale.presets`).
         process_group: the ranks that share one skip decision; default: the world group once
             torch.distributed is initialized. Every rank of it must call the scaler's methods in
             the same order (they do in SPMD training).
@@ -88,6 +91,9 @@ class GradScaler:
         min_scale: float | None = None,
         max_scale: float | None = None,
         on_min_scale: OnMinScale = "clamp",
+        min_scale_rule: MinScaleRule = "floor",
+        growth_delay: int = 0,
+        tolerance: float = 0.0,
         process_group: dist.ProcessGroup | None = None,
         check_consistency: int = 0,
         kernel: str = "auto",
@@ -116,6 +122,9 @@ class GradScaler:
             min_scale=min_scale,
             max_scale=max_scale,
             on_min_scale=on_min_scale,
+            min_scale_rule=min_scale_rule,
+            growth_delay=growth_delay,
+            tolerance=tolerance,
         )
         self._device = device
         self._enabled = enabled
@@ -130,6 +139,53 @@ class GradScaler:
         self._state = policy.init_state(self._config, "cpu")
         self._initialized = False
         self._min_event_host_seen = 0
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def from_deepspeed_config(
+        cls, config: Mapping[str, Any], device: str = "cuda", **overrides: Any
+    ) -> GradScaler:
+        """A scaler whose scale follows DeepSpeed's fp16 loss scaling for ``config``.
+
+        ``config``: a DeepSpeed config dict, whole or its ``"fp16"`` section; semantics in
+        :func:`distscale.presets.deepspeed`. Raises at the minimum scale as ZeRO does
+        (``on_min_scale="clamp"`` overrides). ``overrides``: any GradScaler keyword argument.
+        """
+        return cls(device, **{**presets.deepspeed(config), **overrides})
+
+    @classmethod
+    def from_megatron(cls, device: str = "cuda", **kwargs: Any) -> GradScaler:
+        """A scaler following Megatron-core's ``DynamicGradScaler`` (or ``ConstantGradScaler``).
+
+        ``kwargs``: Megatron's names (``loss_scale``, ``initial_loss_scale``, ``min_loss_scale``,
+        ``loss_scale_window``, ``hysteresis``, ``growth_factor``, ``backoff_factor``; Megatron's
+        defaults) and any other GradScaler keyword argument. See :func:`distscale.presets.megatron`.
+        """
+        return cls._from_preset(presets.megatron, device, kwargs)
+
+    @classmethod
+    def from_fairseq(cls, device: str = "cuda", **kwargs: Any) -> GradScaler:
+        """A scaler following fairseq's ``DynamicLossScaler`` with fairseq-train's defaults.
+
+        ``kwargs``: fairseq's names (``init_scale``, ``scale_factor``, ``scale_window``,
+        ``tolerance``, ``threshold``, ``min_loss_scale``, ``data_parallel_size``, ``update_freq``)
+        and any other GradScaler keyword argument. Without ``scale_window`` and
+        ``data_parallel_size``, the data-parallel size is the world size of ``process_group`` (or of
+        the default group) when torch.distributed is initialized, else 1: pass it under model
+        parallelism. See :func:`distscale.presets.fairseq`.
+        """
+        if "scale_window" not in kwargs and "data_parallel_size" not in kwargs:
+            group = kwargs.get("process_group")
+            initialized = dist.is_available() and dist.is_initialized()
+            kwargs = {**kwargs, "data_parallel_size": dist.get_world_size(group) if initialized else 1}
+        return cls._from_preset(presets.fairseq, device, kwargs)
+
+    @classmethod
+    def _from_preset(cls, build: Any, device: str, kwargs: dict[str, Any]) -> GradScaler:
+        names = inspect.signature(build).parameters
+        settings = build(**{k: v for k, v in kwargs.items() if k in names})
+        return cls(device, **{**settings, **{k: v for k, v in kwargs.items() if k not in names}})
 
     # ------------------------------------------------------------------ scaling the loss
 
@@ -327,15 +383,19 @@ class GradScaler:
             for rec in records[1:]:
                 found = found + rec.found_inf  # type: ignore[operator]
             assert found is not None
-            old = self._state
-            new = policy.update(old, found, self._config)
-            for dst, src in zip(old, new, strict=True):
-                dst.copy_(src)
-            self._sync.num_updates_host += 1
+            self._apply_rule(found)
         # Close the step before reporting, so a MinScaleError leaves a usable scaler behind.
         self._sync.finish()
-        if new_scale is None and self._config.on_min_scale != "clamp" and self._config.min_scale is not None:
+        if new_scale is None:
             self._report_min_scale()
+
+    def _apply_rule(self, found_inf: torch.Tensor) -> None:
+        # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed adapter).
+        old = self._state
+        new = policy.update(old, found_inf, self._config)
+        for dst, src in zip(old, new, strict=True):
+            dst.copy_(src)
+        self._sync.num_updates_host += 1
 
     def _set_scale(self, new_scale: float | torch.Tensor) -> None:
         if isinstance(new_scale, torch.Tensor):
@@ -357,13 +417,21 @@ class GradScaler:
         self._state.scale.fill_(float(new_scale))
 
     def _report_min_scale(self) -> None:
+        if self._config.on_min_scale == "clamp" or self._config.min_scale is None:
+            return
         count = int(self._state.num_min_scale_events.item())  # host sync, warn/raise only
         if count == self._min_event_host_seen:
             return
         self._min_event_host_seen = count
+        if self._config.min_scale_rule == "floor":
+            what = f"found the loss scale at min_scale={self._config.min_scale}"
+            after = "the scale cannot back off further"
+        else:
+            what = f"would have brought the loss scale to or below min_scale={self._config.min_scale}"
+            after = f"the scale stays at {self._state.scale.item()}"
         message = (
-            f"An overflow found the loss scale at min_scale={self._config.min_scale} "
-            f"({count} time(s) so far); the step was skipped and the scale cannot back off further."
+            f"An overflow {what} ({count} time(s) so far); the step was skipped and {after}. "
+            "The loss is probably exploding: lower the learning rate, clip gradients or raise the batch size."
         )
         if self._config.on_min_scale == "raise":
             raise MinScaleError(message + " HINT: lower min_scale, or use on_min_scale='clamp'.")

@@ -287,17 +287,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if metrics is not None:
             metrics.write(json.dumps(summary) + "\n")
             metrics.close()
+    # torch 2.13 can deadlock when the last reference to a gloo group goes (the group's destructor
+    # joins its worker threads while one of them waits for the GIL to free a finished collective's
+    # tensors): keep what owns the groups alive until the process exits (see __main__).
+    _KEEP_ALIVE.extend([model, opt])
     dist.destroy_process_group()
     return summary
 
 
+_KEEP_ALIVE: list[Any] = []
+
+
 if __name__ == "__main__":
     main()
-    mpi = sys.modules.get("mpi4py.MPI")  # used for the rendezvous under mpirun
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()  # mpirun reports a rank that exits without it as a failure
-    # Skip interpreter teardown: torch 2.13's gloo/FSDP2 background threads occasionally abort
-    # there ("terminate called without an active exception") after all work is done and flushed.
+    # Leave without interpreter teardown, where the objects in _KEEP_ALIVE would be destroyed
+    # (deadlock or "terminate called without an active exception"); everything is flushed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

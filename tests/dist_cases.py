@@ -359,3 +359,216 @@ def job_resume(rank: int, world: int, mode: str, ckpt_root: str, k: int, total: 
             dcp.save(_resume_state(model, opt, scaler), checkpoint_id=f"{ckpt_root}/{setup}")
         out[setup] = {"states": scales, "params": local_snapshot(model)}
     return out
+
+
+# ---------------------------------------------------------------------------- presets (distscale.presets)
+
+PRESET_PLANTS = {1: (1, INF), 2: (0, NAN), 3: (1, INF), 6: (0, INF), 8: (1, -INF), 9: (1, INF), 10: (0, INF)}
+PRESET_SCALERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # name -> (classmethod, arguments); "deepspeed" hits its minimum and raises, "fairseq_min" too.
+    "deepspeed": (
+        "from_deepspeed_config",
+        {"config": {"fp16": {"initial_scale_power": 10, "loss_scale_window": 2, "min_loss_scale": 256}}},
+    ),
+    "deepspeed_consecutive": (
+        "from_deepspeed_config",
+        {
+            "config": {
+                "fp16": {"initial_scale_power": 10, "loss_scale_window": 2, "consecutive_hysteresis": True}
+            }
+        },
+    ),
+    "megatron": (
+        "from_megatron",
+        {"initial_loss_scale": 2.0**10, "loss_scale_window": 2, "min_loss_scale": 256.0},
+    ),
+    "fairseq": ("from_fairseq", {"init_scale": 2.0**10, "scale_window": 2, "tolerance": 0.3}),
+    "fairseq_min": ("from_fairseq", {"init_scale": 2.0**10, "scale_window": 3, "min_loss_scale": 100.0}),
+}
+
+
+def make_preset_scaler(name: str) -> distscale.GradScaler:
+    method, kwargs = PRESET_SCALERS[name]
+    return getattr(distscale.GradScaler, method)(device="cpu", **kwargs)
+
+
+def job_presets(rank: int, world: int, setups: list[str], steps: int = 12) -> dict:
+    """Preset scalers on real ranks with one-rank overflows: per step the scale, whether the
+    optimizer stepped, and the step at which a MinScaleError was raised (None if never)."""
+    out = {}
+    for setup in setups:
+        for name in PRESET_SCALERS:
+            model, dp_index, _ = build(setup, rank, world)
+            opt = make_optimizer("sgd", model)
+            scaler = make_preset_scaler(name)
+            rec: dict[str, Any] = {"scales": [], "stepped": [], "raised_at": None, "error": None}
+            for step in range(steps):
+                forward_backward(model, scaler, opt, rank, dp_index, step, PRESET_PLANTS)
+                before = local_snapshot(model)
+                scaler.step(opt)
+                try:
+                    scaler.update()
+                except distscale.MinScaleError as exc:
+                    rec["raised_at"], rec["error"] = step, str(exc)
+                after = local_snapshot(model)
+                rec["stepped"].append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+                rec["scales"].append(scaler.get_scale())
+                if rec["raised_at"] is not None:
+                    break
+            out[(setup, name)] = rec
+    return out
+
+
+# ---------------------------------------------------------------------------- reference scalers (peers)
+
+
+def _deepspeed_env(rank: int, world: int) -> None:
+    import os
+
+    os.environ.update(
+        LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world)
+    )
+
+
+def job_reference_scalers(
+    rank: int,
+    world: int,
+    ds_cases: list[tuple[dict, list[bool]]],
+    fp16_optimizer_cases: list[tuple[dict, list[bool]]],
+    megatron_cases: list[tuple[dict, list[bool]]],
+) -> dict[str, Any]:
+    """Run the peers' own scaler classes on overflow sequences (in a child: DeepSpeed's comm must
+    be initialised, and it and Megatron are heavy imports). Per case: the scale after every update
+    until the peer raises, and the index of the update that raised (None if none). A package that
+    does not import gives ``{"skip": reason}``."""
+    import logging
+
+    out: dict[str, Any] = {}
+    try:
+        _deepspeed_env(rank, world)
+        import deepspeed
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaleConfig
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.ERROR)
+        deepspeed.init_distributed(dist_backend="gloo")
+    except Exception as exc:
+        out["deepspeed"] = out["fp16_optimizer"] = {
+            "skip": f"deepspeed unusable: {type(exc).__name__}: {exc}"
+        }
+    else:
+        results = []
+        for args, flags in ds_cases:
+            ds = DynamicLossScaler(**args)
+            scales, raised_at = [], None
+            for i, flag in enumerate(flags):
+                try:
+                    ds.update_scale(flag)
+                except Exception:  # DeepSpeed raises a bare Exception at its minimum scale
+                    raised_at = i
+                    break
+                scales.append(float(ds.cur_scale))
+            results.append((scales, raised_at))
+        out["deepspeed"] = results
+        results = []
+        for args, flags in fp16_optimizer_cases:
+            # FP16_Optimizer._update_scale reads only these two attributes of the optimizer.
+            holder = type("Holder", (), {})()
+            holder.verbose = False
+            holder.loss_scale_config = LossScaleConfig(torch.float16, True, 1.0, args)
+            scales = []
+            for flag in flags:
+                FP16_Optimizer._update_scale(holder, flag)
+                scales.append(float(holder.loss_scale_config.cur_scale))
+            results.append((scales, None))
+        out["fp16_optimizer"] = results
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import megatron.core.optimizer.grad_scaler as grad_scaler
+    except Exception as exc:
+        out["megatron"] = {"skip": f"megatron-core unusable: {type(exc).__name__}: {exc}"}
+    else:
+        # DynamicGradScaler creates its tensors with device='cuda'; on a CPU-only machine its own
+        # code runs unchanged against a torch whose tensor() ignores the device.
+        class _CPUTorch:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(torch, name)
+
+            @staticmethod
+            def tensor(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+                return torch.tensor(*args, **kwargs)
+
+        grad_scaler.torch = _CPUTorch()  # this child process only
+        results = []
+        for args, flags in megatron_cases:
+            mc = grad_scaler.DynamicGradScaler(**args)
+            scales = []
+            for flag in flags:
+                mc.update(flag)
+                scales.append(float(mc.scale.item()))
+            results.append((scales, None))
+        out["megatron"] = results
+    return out
+
+
+def job_deepspeed_engine(rank: int, world: int, stages: list[int], fp16: dict, steps: int = 10) -> dict:
+    """ZeRO-1/2 engines on real ranks, inf planted into one rank's gradient of one parameter:
+    DeepSpeed's own dynamic scaler ("native") against distscale's rule driving a static-configured
+    engine through DeepSpeedLossScale ("adapter"). Per step: applied, the scale for the next step,
+    the (fp16) parameters after it."""
+    import logging
+
+    _deepspeed_env(rank, world)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
+
+    from distscale.deepspeed_engine import DeepSpeedLossScale
+
+    logger.setLevel(logging.ERROR)
+    get_accelerator().is_fp16_supported = lambda: True  # this CPU lacks AVX512-FP16; tests only
+    deepspeed.init_distributed(dist_backend="gloo")
+    # step -> (rank, parameter index): the grad of that parameter on that rank becomes inf
+    # before DeepSpeed reduces it, so only the rank owning its partition sees it locally.
+    plants = {1: (1, 0), 2: (0, 5), 3: (1, 5), 6: (0, 0), 7: (1, 5)}
+    out = {}
+    for stage in stages:
+        for mode in ("native", "adapter"):
+            torch.manual_seed(0)
+            model = MLP()
+            section = {"enabled": True, **fp16} if mode == "native" else {"enabled": True, "loss_scale": 1.0}
+            config = {
+                "train_micro_batch_size_per_gpu": 8,
+                "gradient_accumulation_steps": 1,
+                "fp16": section,
+                "zero_optimization": {"stage": stage},
+                "steps_per_print": 10**9,
+            }
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+            driver = None
+            if mode == "adapter":
+                driver = DeepSpeedLossScale(engine, distscale.GradScaler.from_deepspeed_config(fp16, "cpu"))
+            params = list(engine.module.parameters())
+            rec: dict[str, Any] = {"applied": [], "scales": [], "params": []}
+            for step in range(steps):
+                handle = None
+                if step in plants and plants[step][0] == rank:
+                    handle = params[plants[step][1]].register_hook(lambda g: torch.full_like(g, INF))
+                x, y = batch(rank, step)
+                loss = nn.functional.mse_loss(engine(x.half()).float(), y)
+                engine.backward(loss)
+                engine.step()
+                if handle is not None:
+                    handle.remove()
+                if driver is not None:
+                    assert driver.update() == engine.was_step_applied()
+                rec["applied"].append(engine.was_step_applied())
+                rec["scales"].append(float(engine.optimizer.loss_scale))
+                rec["params"].append([p.detach().float().clone() for p in engine.module.parameters()])
+            out[(stage, mode)] = rec
+    return out

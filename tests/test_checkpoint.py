@@ -307,7 +307,8 @@ def _config_both(key, value):
 
 
 BAD = {
-    "version-2": (_set(["format_version"], 2), ValueError, "format_version"),
+    "version-3": (_set(["format_version"], 3), ValueError, "format_version"),
+    "version-0": (_set(["format_version"], 0), ValueError, "format_version"),
     "version-str": (_set(["format_version"], "1"), ValueError, "format_version"),
     "version-None": (_set(["format_version"], None), ValueError, "format_version"),
     "missing-state": (_del(["state"]), ValueError, "'state'"),
@@ -341,6 +342,26 @@ BAD = {
     "num-updates-negative": (_set(["state", "num_updates"], -3), ValueError, "num_updates"),
     "num-skipped-str": (_set(["state", "num_skipped"], "7"), TypeError, "num_skipped"),
     "min-events-bool": (_set(["state", "num_min_scale_events"], True), TypeError, "num_min_scale_events"),
+    "steps-since-rescale-negative": (
+        _set(["state", "steps_since_rescale"], -1),
+        ValueError,
+        "steps_since_rescale",
+    ),
+    "overflows-float": (
+        _set(["state", "overflows_since_backoff"], 1.0),
+        TypeError,
+        "overflows_since_backoff",
+    ),
+    "missing-new-state-key": (_del(["state", "steps_since_rescale"]), ValueError, "'steps_since_rescale'"),
+    "missing-new-config-key": (_del(["config", "tolerance"]), ValueError, "'tolerance'"),
+    "growth-tracker-below-delay": (
+        _both("growth_tracker", "_growth_tracker", -1),
+        ValueError,
+        "growth_tracker",
+    ),
+    "tolerance-negative": (_config_both("tolerance", -0.5), ValueError, "tolerance"),
+    "min-scale-rule": (_config_both("min_scale_rule", "bounce"), ValueError, "min_scale_rule"),
+    "growth-delay-float": (_config_both("growth_delay", 1.5), TypeError, "growth_delay"),
     "growth-factor": (_config_both("growth_factor", 0.5), ValueError, "growth_factor"),
     "backoff-factor": (_config_both("backoff_factor", 1.5), ValueError, "backoff_factor"),
     "growth-interval": (_config_both("growth_interval", 0), ValueError, "growth_interval"),
@@ -506,3 +527,82 @@ def test_loaded_scale_must_lie_within_the_bounds():
         with pytest.raises(ValueError, match=r"scale .* outside \[min_scale, max_scale\]"):
             scaler.load_state_dict(state)
         assert scaler.get_scale() == 8.0
+
+
+# ------------------------------------------------------------------ format versions, preset state
+
+
+def _as_version_1(state):
+    """What distscale 0.1 wrote: format 1, without the settings and counters format 2 added."""
+    old = copy.deepcopy(state)
+    old["format_version"] = 1
+    for key in ("min_scale_rule", "growth_delay", "tolerance"):
+        del old["config"][key]
+    for key in ("steps_since_rescale", "overflows_since_backoff"):
+        del old["state"][key]
+    return old
+
+
+def test_version_1_state_dict_loads_with_new_fields_at_their_defaults():
+    source, _, _ = trained()
+    state = source.state_dict()
+    assert FORMAT_VERSION == 2
+    target = GradScaler("cpu", tolerance=0.5, growth_delay=3, min_scale_rule="refuse")
+    target.load_state_dict(_as_version_1(state))
+    config = target.config
+    assert (config.min_scale_rule, config.growth_delay, config.tolerance) == ("floor", 0, 0.0)
+    assert config == source.config
+    loaded = target.state_dict()
+    assert loaded["format_version"] == 2
+    assert loaded["state"] == {**state["state"], "steps_since_rescale": 0, "overflows_since_backoff": 0}
+
+
+def test_version_1_keys_are_checked_for_version_1():
+    state = _as_version_1(GradScaler("cpu").state_dict())
+    state["state"]["steps_since_rescale"] = 0  # a format-2 key in a format-1 state
+    with pytest.raises(ValueError, match="'steps_since_rescale'"):
+        GradScaler("cpu").load_state_dict(state)
+
+
+PRESETS = {
+    # DeepSpeed: growth_delay=1 puts the growth tracker at -1 after an overflow.
+    "deepspeed": lambda: GradScaler.from_deepspeed_config(
+        {"initial_scale_power": 10, "loss_scale_window": 2, "hysteresis": 2}, "cpu"
+    ),
+    # fairseq: tolerance reads steps_since_rescale and overflows_since_backoff.
+    "fairseq": lambda: GradScaler.from_fairseq("cpu", init_scale=2.0**10, scale_window=2, tolerance=0.4),
+    "megatron": lambda: GradScaler.from_megatron("cpu", initial_loss_scale=2.0**10, loss_scale_window=2),
+}
+
+
+@pytest.mark.parametrize(("preset", "k"), [("deepspeed", 6), ("fairseq", 3), ("megatron", 5)])
+def test_preset_resume_is_bitwise(preset, k):
+    overflows = {1, 2, 5, 6, 7, 10, 13, 14}
+    steps = 20
+    scaler = PRESETS[preset]()
+    model, opt = make()
+    scales, saved = [], None
+    for step in range(steps):
+        scales.append(one_step(scaler, model, opt, step, step in overflows))
+        if step == k:
+            saved = (scaler.state_dict(), copy.deepcopy(model), copy.deepcopy(opt.state_dict()))
+    assert saved is not None
+    if preset == "deepspeed":
+        assert saved[0]["state"]["growth_tracker"] == -1 == saved[0]["_growth_tracker"]
+    if preset == "fairseq":
+        assert (
+            saved[0]["state"]["steps_since_rescale"] > 0 or saved[0]["state"]["overflows_since_backoff"] > 0
+        )
+    buffer = io.BytesIO()
+    torch.save(saved[0], buffer)
+    buffer.seek(0)
+    resumed = GradScaler("cpu")  # torch's defaults: the checkpoint carries the preset's rule
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.config == scaler.config
+    model2 = copy.deepcopy(saved[1])
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    opt2.load_state_dict(saved[2])
+    tail = [one_step(resumed, model2, opt2, step, step in overflows) for step in range(k + 1, steps)]
+    assert tail == scales[k + 1 :]
+    assert resumed.state_dict() == scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters(), strict=True))

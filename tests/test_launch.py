@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,16 +33,30 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: float = 240, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on timeout kill the whole session (a launcher's workers too)."""
     start = time.monotonic()
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO, **kwargs
+    child = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        start_new_session=True,
     )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, err = child.communicate()
+        raise AssertionError(
+            f"{' '.join(cmd)} timed out after {timeout:.0f} s\n{out[-3000:]}\n{err[-5000:]}"
+        ) from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     proc.wall = time.monotonic() - start  # type: ignore[attr-defined]
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{out[-3000:]}\n{err[-5000:]}")
     return proc
 
 

@@ -68,6 +68,8 @@ def test_init_state():
         "num_updates": 0,
         "num_skipped": 0,
         "num_min_scale_events": 0,
+        "steps_since_rescale": 0,
+        "overflows_since_backoff": 0,
     }
 
 

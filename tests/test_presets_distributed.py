@@ -1,0 +1,81 @@
+"""Presets on real gloo ranks: one-rank overflows give one decision and one scale trajectory.
+
+Also DeepSpeed's engine (ZeRO-1/2, 2 ranks) driven by distscale's rule through
+``DeepSpeedLossScale``, against the same engine with DeepSpeed's own dynamic scaler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+
+from distscale.policy import init_state, update
+from tests import dist_cases as dc
+from tests._dist import run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def reference_run(name: str, steps: int) -> tuple[list[float], int | None]:
+    """The preset's rule on one process, on the flags the planted steps produce."""
+    config = dc.make_preset_scaler(name).config
+    state, scales = init_state(config), []
+    for step in range(steps):
+        events = state.num_min_scale_events.item()
+        state = update(state, torch.tensor(float(step in dc.PRESET_PLANTS)), config)
+        scales.append(state.scale.item())
+        if config.on_min_scale == "raise" and state.num_min_scale_events.item() > events:
+            return scales, step
+    return scales, None
+
+
+def test_presets_two_ranks_one_rank_overflows() -> None:
+    steps = 12
+    results = run_ranks(dc.job_presets, 2, ["ddp", "fsdp2"], steps)
+    assert set(results[0]) == {(s, n) for s in ("ddp", "fsdp2") for n in dc.PRESET_SCALERS}
+    for key, rank0 in results[0].items():
+        label = f"{key}"
+        assert results[1][key] == rank0, f"{label}: ranks differ {results[0][key]} vs {results[1][key]}"
+        want_scales, want_raise = reference_run(key[1], steps)
+        assert rank0["scales"] == want_scales, label
+        assert rank0["raised_at"] == want_raise, label
+        assert rank0["stepped"] == [step not in dc.PRESET_PLANTS for step in range(len(rank0["stepped"]))]
+    # The cases do what they are there for.
+    raised = {name for (_, name), r in results[0].items() if r["raised_at"] is not None}
+    assert raised == {"deepspeed", "fairseq_min"}
+    assert "min_scale" in results[0][("ddp", "deepspeed")]["error"]
+    megatron = results[0][("ddp", "megatron")]["scales"]
+    assert megatron.count(256.0) >= 3  # clamped at min_loss_scale, no error
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'deepspeed')"
+)
+def test_deepspeed_engine_adapter_zero1_zero2() -> None:
+    fp16 = {"initial_scale_power": 8, "loss_scale_window": 2, "hysteresis": 2, "min_loss_scale": 1}
+    steps = 14
+    results = run_ranks(dc.job_deepspeed_engine, 2, [1, 2], fp16, steps, timeout=400)
+    planted = {1, 2, 3, 6, 7}
+    for stage in (1, 2):
+        native = [r[(stage, "native")] for r in results]
+        adapter = [r[(stage, "adapter")] for r in results]
+        for runs in (native, adapter):
+            # Both ranks skip exactly the planted steps (the inf was on one rank) and hold one scale.
+            assert runs[0]["applied"] == runs[1]["applied"] == [s not in planted for s in range(steps)]
+            assert runs[0]["scales"] == runs[1]["scales"]
+        # distscale's rule through the adapter = DeepSpeed's own scaler.
+        assert adapter[0]["scales"] == native[0]["scales"], stage
+        scales = [2.0**8, *native[0]["scales"]]
+        grew = [step for step in range(steps) if scales[step + 1] > scales[step]]
+        assert grew and any(b < a for a, b in itertools.pairwise(scales))
+        assert scales[2] == scales[1]  # step 1: one hysteresis unit spent, no backoff
+        # The weights are the same up to DeepSpeed's first growth. ZeRO-1/2's step() updates its
+        # scale before unscaling, so on a growth step it divides the gradients by the *grown*
+        # scale (twice the one the loss was scaled with); the adapter updates after the step.
+        for rank in (0, 1):
+            for step in range(grew[0]):
+                pairs = zip(adapter[rank]["params"][step], native[rank]["params"][step], strict=True)
+                assert all(torch.equal(a, b) for a, b in pairs), (stage, rank, step)

@@ -44,7 +44,7 @@ class StepSync:
         if rec.checked and rec.unscaled:
             # Unscaled grads are the user's to modify (clipping, say): never check them again.
             return
-        if rec.checked and rec.grads is not None and rec.grads.unchanged_since(optimizer, rank):
+        if rec.checked and rec.grads is not None and rec.grads.unchanged_since(optimizer):
             if unscale:
                 scratch = torch.zeros_like(state.scale)
                 rec.grads.check_(scratch, inv_scale(state), self.kernel, check=False)

@@ -50,20 +50,24 @@ class GradSet:
         self.grads: list[LocalGrad] = local_grads(params, rank)
         self._versions = self._snapshot()
 
-    def _snapshot(self) -> list[tuple[int, int]]:
-        return [(id(g.source), g.tensor._version) for g in self.grads]
+    def _snapshot(self) -> list[int]:
+        # A local view shares its base's version counter, so the stored tensors see later writes.
+        return [g.tensor._version for g in self.grads]
 
     def refresh_versions(self) -> None:
         """Record our own in-place writes, so they do not count as a change."""
         self._versions = self._snapshot()
 
-    def unchanged_since(self, optimizer: torch.optim.Optimizer, rank: int) -> bool:
-        """Whether ``optimizer``'s grads are still exactly the tensors and versions checked."""
-        now = GradSet(optimizer, rank)
-        same_objects = len(now.grads) == len(self.grads) and all(
-            a.source is b.source for a, b in zip(now.grads, self.grads, strict=True)
+    def unchanged_since(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer``'s grads are still exactly the tensors and versions checked.
+
+        Reads only ``param.grad`` identities and version counters: no sharding work, no sync.
+        """
+        current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        same_objects = len(current) == len(self.grads) and all(
+            grad is g.source for grad, g in zip(current, self.grads, strict=True)
         )
-        return same_objects and now._versions == self._versions
+        return same_objects and self._snapshot() == self._versions
 
     def check_(
         self,

@@ -648,3 +648,23 @@ def test_new_scale_outside_bounds_is_rejected():
     scaler.step(opt)
     with pytest.raises(ValueError, match=r"new_scale .*\[min_scale, max_scale\]"):
         scaler.update(new_scale=2.0)
+
+
+def test_grad_change_detection_sees_writes_new_tensors_and_none():
+    from distscale.overflow import GradSet
+
+    model, opt = make()
+    loss_of(model, 0).backward()
+    grads = GradSet(opt, rank=0)
+    assert grads.unchanged_since(opt)
+    grads.check_(torch.zeros(()), torch.tensor(0.5), "torch")  # our own write is recorded
+    assert grads.unchanged_since(opt)
+    first = next(p for p in model.parameters())
+    first.grad.add_(1.0)  # another backward accumulating, say
+    assert not grads.unchanged_since(opt)
+    grads.refresh_versions()
+    first.grad = first.grad.clone()  # a new tensor object
+    assert not grads.unchanged_since(opt)
+    grads = GradSet(opt, rank=0)
+    first.grad = None  # zero_grad(set_to_none=True) on part of the model
+    assert not grads.unchanged_since(opt)

@@ -295,7 +295,9 @@ def init_distributed(
         attempt = environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
         agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"/distscale/attempt_{attempt}/", agent_store)
-        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        dist.init_process_group(
+            backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
+        )
     elif env.launcher == "torchrun":
         dist.init_process_group(backend, timeout=timeout)  # env://
     else:

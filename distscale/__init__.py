@@ -4,19 +4,33 @@
 """
 
 from distscale.config import ScalerConfig
+from distscale.diagnostics import NonFiniteGrad, OverflowReport
 from distscale.errors import InconsistentStateError, MinScaleError, ScalerUsageError
 from distscale.policy import ScaleState
 from distscale.scaler import GradScaler, OptState
+from distscale.sinks import JsonlSink, LoggingSink, MetricsLogger, MetricsSink, TensorBoardSink
+from distscale.skip import SkipAwareScheduler, ema_update_
+from distscale.stats import ScalerStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GradScaler",
     "InconsistentStateError",
+    "JsonlSink",
+    "LoggingSink",
+    "MetricsLogger",
+    "MetricsSink",
     "MinScaleError",
+    "NonFiniteGrad",
     "OptState",
+    "OverflowReport",
     "ScaleState",
     "ScalerConfig",
+    "ScalerStats",
     "ScalerUsageError",
+    "SkipAwareScheduler",
+    "TensorBoardSink",
     "__version__",
+    "ema_update_",
 ]

@@ -47,6 +47,8 @@ class OptRecord:
     batch_index: int = 0
     clipped: bool = False  # clip_grad_norm_ was called
     clip_coef: torch.Tensor | None = None  # folded into grad_scale at a fused step
+    underflow: torch.Tensor | None = None  # local (zeros, would_flush, total) on monitor steps
+    underflow_reduced: torch.Tensor | None = None  # the same, summed over the group
 
     @property
     def checked(self) -> bool:
@@ -60,6 +62,7 @@ class OptRecord:
         """The grads changed: everything derived from them must be computed again."""
         self.local_found_inf = self.found_inf = None
         self.local_norm = self.total_norm = None
+        self.underflow = self.underflow_reduced = None
         self.batch = None
 
 

@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from distscale import consistency
+from distscale import consistency, diagnostics, underflow
 from distscale._iteration import Batch, Iteration, OptRecord
 from distscale.collectives import Packed, ReduceGroup
 from distscale.overflow import GradSet
@@ -28,18 +28,41 @@ def inv_scale(state: ScaleState) -> torch.Tensor:
 
 
 class StepSync:
-    def __init__(self, reducer: ReduceGroup, kernel: str, check_every: int) -> None:
+    def __init__(
+        self,
+        reducer: ReduceGroup,
+        kernel: str,
+        check_every: int,
+        *,
+        underflow_every: int = 0,
+        overflow_diagnostics: bool = False,
+    ) -> None:
         self.reducer = reducer
         self.kernel = kernel
         self.check_every = check_every
+        self.underflow_every = underflow_every
+        self.overflow_diagnostics = overflow_diagnostics
+        self.parameter_names: dict[int, str] | None = None  # id(param) -> name, for diagnostics
+        self.last_overflow_report: diagnostics.OverflowReport | None = None
         self.iteration = Iteration()
         self.plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
-        self.num_updates_host = 0  # host mirror of num_updates: the consistency-check schedule
+        self.num_updates_host = 0  # host mirror of num_updates: consistency and monitor schedules
+
+    def monitor_step(self) -> bool:
+        return self.underflow_every > 0 and self.num_updates_host % self.underflow_every == 0
 
     def check(
-        self, rec: OptRecord, optimizer: torch.optim.Optimizer, state: ScaleState, unscale: bool
+        self,
+        rec: OptRecord,
+        optimizer: torch.optim.Optimizer,
+        state: ScaleState,
+        unscale: bool,
+        norm_type: float | None = None,
     ) -> None:
-        """Make sure ``rec`` holds a local flag for the current grads, unscaled if asked. Local only."""
+        """Make sure ``rec`` holds a local flag for the current grads, unscaled if asked. Local only.
+
+        ``norm_type``: the clip norm about to be asked for, so a fused kernel can take it in the
+        same pass (see ``GradSet.check_``)."""
         rank = self.reducer.rank
         if rec.checked and rec.unscaled:
             # Unscaled grads are the user's to modify (clipping, say): never check them again.
@@ -54,7 +77,13 @@ class StepSync:
         rec.invalidate()
         rec.grads = GradSet(optimizer, rank)
         rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
-        rec.grads.check_(rec.local_found_inf, inv_scale(state) if unscale else None, self.kernel)
+        if self.monitor_step():
+            # Before the check unscales: the monitor looks at the scaled values.
+            owned = [g.norm_tensor for g in rec.grads.grads if g.norm_tensor is not None]
+            rec.underflow = underflow.count(owned, state.scale.device)
+        rec.grads.check_(
+            rec.local_found_inf, inv_scale(state) if unscale else None, self.kernel, norm_type=norm_type
+        )
         rec.unscaled = unscale
 
     @staticmethod
@@ -94,6 +123,9 @@ class StepSync:
                     maxes.append(rec.local_norm)
                 else:
                     sums.append(rec.local_norm**rec.norm_type)
+        counted = [r for r in pending if r.underflow is not None]
+        for rec in counted:  # three counts each, summed like the norm powers
+            sums.extend(rec.underflow)  # type: ignore[arg-type]
         check = (
             world > 1
             and self.check_every > 0
@@ -106,9 +138,16 @@ class StepSync:
             maxes=maxes,
             slots=consistency.fingerprint(state) if check else None,
         )
+        # float64 keeps the fingerprints exact (element counts travel as float32: fractions to 1e-7).
         out = self.reducer.reduce(packed, torch.float64 if check else torch.float32)
         it.num_collectives += 1
         batch = Batch(torch.stack(out.flags))
+        n_counts = 3 * len(counted)
+        if n_counts:
+            counts = torch.stack(out.sums[len(out.sums) - n_counts :]).reshape(len(counted), 3)
+            for rec, reduced in zip(counted, counts, strict=True):
+                rec.underflow_reduced = reduced
+            out.sums = out.sums[: len(out.sums) - n_counts]
         sums_iter, maxes_iter = iter(out.sums), iter(out.maxes)
         for index, (rec, flag) in enumerate(zip(pending, out.flags, strict=True)):
             rec.found_inf, rec.batch, rec.batch_index = flag, batch, index
@@ -122,6 +161,21 @@ class StepSync:
                 rec.total_norm = next(sums_iter) ** (1.0 / rec.norm_type)
         if out.slots is not None:
             consistency.verify(out.slots)
+        if self.overflow_diagnostics:
+            self._diagnose(pending, batch)
+
+    def _diagnose(self, pending: list[OptRecord], batch: Batch) -> None:
+        # The flags are job-wide, so every rank takes the same branch and joins the gather.
+        flags = batch.read()  # host sync (the one step() makes anyway for non-fused optimizers)
+        if not any(flags):
+            return
+        found: list[diagnostics.NonFiniteGrad] = []
+        for rec, flag in zip(pending, flags, strict=True):
+            optimizer = rec.optimizer()
+            if flag and rec.grads is not None and optimizer is not None:
+                names = diagnostics.parameter_names(optimizer, self.parameter_names)
+                found.extend(diagnostics.scan(rec.grads.grads, names, self.reducer.rank))
+        self.last_overflow_report = diagnostics.gather(found, self.reducer, self.num_updates_host)
 
     def _precheck_planned(self, state: ScaleState) -> None:
         # Optimizers the last step used but this one has not touched yet: check them now
@@ -131,7 +185,7 @@ class StepSync:
             if optimizer is None or id(optimizer) in self.iteration.records:
                 continue
             rec = self.iteration.record(optimizer)
-            self.check(rec, optimizer, state, unscale=False)
+            self.check(rec, optimizer, state, unscale=False, norm_type=norm_type)
             rec.norm_type = norm_type
 
     def finish(self) -> None:

@@ -90,7 +90,7 @@ class DeepSpeedLossScale:
             return None
         self._global_steps = self.engine.global_steps
         applied = bool(self.engine.was_step_applied())
-        self.scaler._apply_rule(torch.tensor(0.0 if applied else 1.0))
+        self.scaler._apply_rule(torch.tensor(0.0 if applied else 1.0), skipped_host=not applied)
         self._push()
         self.scaler._report_min_scale()
         return applied

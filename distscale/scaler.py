@@ -31,11 +31,12 @@ from typing import Any, overload
 import torch
 import torch.distributed as dist
 
-from distscale import checkpoint, policy, presets
+from distscale import checkpoint, policy, presets, stats, underflow
 from distscale._iteration import OptState
 from distscale._step import StepSync
 from distscale.collectives import Packed, ReduceGroup
 from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
+from distscale.diagnostics import OverflowReport
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.overflow import GradSet
@@ -74,7 +75,18 @@ class GradScaler:
         check_consistency: every N updates (0: never), the step's collective also carries each
             rank's scale state and ranks that differ raise ``InconsistentStateError`` (on every
             rank, naming them). Costs one host read on those steps.
-        kernel: local check backend, "auto" | "torch" | "reference" (see :mod:`distscale.kernels`).
+        kernel: local check backend, "auto" | "torch" | "reference" | "triton" (see
+            :mod:`distscale.kernels`); "auto" runs the fused Triton kernel on CUDA grads when
+            Triton is installed, torch's multi-tensor op otherwise.
+        overflow_diagnostics: on steps that overflow, report which parameters held inf/NaN
+            gradients on which rank (see :mod:`distscale.diagnostics`). Costs one host read per
+            step with fused optimizers (none extra otherwise) and a gather on overflow steps.
+        underflow_every: every N updates (0: never), measure the fraction of gradient elements
+            that are zero or would flush to zero in fp16 at the current scale (see
+            :mod:`distscale.underflow`): one extra read of the gradients, no extra collective.
+
+    What the scaler did is on the device at no cost: ``metrics()`` (one host read),
+    ``metric_tensors()`` and ``step_was_skipped`` (none); see :mod:`distscale.stats`.
     """
 
     def __init__(
@@ -97,6 +109,8 @@ class GradScaler:
         process_group: dist.ProcessGroup | None = None,
         check_consistency: int = 0,
         kernel: str = "auto",
+        overflow_diagnostics: bool = False,
+        underflow_every: int = 0,
     ) -> None:
         if not isinstance(device, str):
             raise TypeError(f"device must be a device type string such as 'cuda' or 'cpu', got {device!r}.")
@@ -109,6 +123,15 @@ class GradScaler:
         ):
             raise ValueError(
                 f"check_consistency must be an int >= 0 (0 disables), got {check_consistency!r}."
+            )
+        if not isinstance(overflow_diagnostics, bool):
+            raise TypeError(
+                f"overflow_diagnostics must be a bool, got {type(overflow_diagnostics).__name__} "
+                f"{overflow_diagnostics!r}."
+            )
+        if isinstance(underflow_every, bool) or not isinstance(underflow_every, int) or underflow_every < 0:
+            raise ValueError(
+                f"underflow_every must be an int >= 0 (every N updates; 0 disables), got {underflow_every!r}."
             )
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}.")
@@ -133,10 +156,18 @@ class GradScaler:
             self._enabled = False
         self._reducer = ReduceGroup(process_group)
         self._kernel = kernel
-        self._sync = StepSync(self._reducer, kernel, check_consistency)
+        self._sync = StepSync(
+            self._reducer,
+            kernel,
+            check_consistency,
+            underflow_every=underflow_every,
+            overflow_diagnostics=overflow_diagnostics,
+        )
         # The state lives on the CPU until the first scale() moves it to the loss's device, so
         # load_state_dict() works before the first scale().
         self._state = policy.init_state(self._config, "cpu")
+        self._stats = stats.init_stats("cpu")
+        self._skipped_host: bool | None = False  # the last step's skip, when already on the host
         self._initialized = False
         self._min_event_host_seen = 0
 
@@ -226,6 +257,7 @@ class GradScaler:
     def _lazy_init(self, device: torch.device) -> None:
         if not self._initialized:
             self._state = self._state.to(device)
+            self._stats = self._stats.to(device)
             self._initialized = True
 
     def _require_init(self, funcname: str) -> None:
@@ -283,7 +315,7 @@ class GradScaler:
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("clip_grad_norm_() is being called after step().")
         unscale = rec.unscaled or not _fused(optimizer)
-        self._sync.check(rec, optimizer, self._state, unscale=unscale)
+        self._sync.check(rec, optimizer, self._state, unscale=unscale, norm_type=norm_type)
         if rec.norm_type != norm_type:
             rec.norm_type, rec.local_norm, rec.total_norm = norm_type, None, None
         self._sync.reduce(self._state)
@@ -379,22 +411,64 @@ class GradScaler:
             if not records:
                 raise ScalerUsageError("No inf checks were recorded prior to update.")
             self._sync.reduce(self._state)
-            found = records[0].found_inf
-            for rec in records[1:]:
-                found = found + rec.found_inf  # type: ignore[operator]
-            assert found is not None
-            self._apply_rule(found)
+            found, outcome = self._step_outcome(records)
+            self._apply_rule(found, **outcome)
         # Close the step before reporting, so a MinScaleError leaves a usable scaler behind.
         self._sync.finish()
         if new_scale is None:
             self._report_min_scale()
 
-    def _apply_rule(self, found_inf: torch.Tensor) -> None:
-        # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed adapter).
+    @staticmethod
+    def _step_outcome(records: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        # The step's job-wide flag and what the stats want to know about it; no host sync.
+        flags = torch.stack([rec.found_inf for rec in records])
+        norms = [(rec.total_norm, rec.norm_type) for rec in records if rec.clipped]
+        grad_norm = None
+        if norms:  # several clipped optimizers: the norm over all of them (same norm_type)
+            values = torch.stack([n for n, _ in norms]).float()
+            p = norms[0][1]
+            grad_norm = values[0] if len(norms) == 1 else torch.linalg.vector_norm(values, p)
+        counts = [rec.underflow_reduced for rec in records if rec.underflow_reduced is not None]
+        under = underflow.fractions(torch.stack(counts).sum(0)) if counts else None
+        batches = [rec.batch.host for rec in records if rec.batch is not None]
+        skipped = None
+        if len(batches) == len(records) and all(b is not None for b in batches):
+            skipped = any(rec.batch.host[rec.batch_index] for rec in records)
+        extra = {
+            "overflows": (flags > 0).sum(),
+            "grad_norm": grad_norm,
+            "underflow": under,
+            "skipped_host": skipped,
+        }
+        return flags.sum(), extra
+
+    def _apply_rule(
+        self,
+        found_inf: torch.Tensor,
+        *,
+        overflows: torch.Tensor | None = None,
+        grad_norm: torch.Tensor | None = None,
+        underflow: tuple[torch.Tensor, torch.Tensor] | None = None,
+        skipped_host: bool | None = None,
+    ) -> None:
+        # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed
+        # adapter), then the stats. In place keeps CUDA-graph captures and user references valid.
         old = self._state
         new = policy.update(old, found_inf, self._config)
         for dst, src in zip(old, new, strict=True):
             dst.copy_(src)
+        new_stats = stats.update_stats(
+            self._stats,
+            found_inf,
+            self._state.scale,
+            self._config,
+            overflows=overflows,
+            grad_norm=grad_norm,
+            underflow=underflow,
+        )
+        for dst, src in zip(self._stats, new_stats, strict=True):
+            dst.copy_(src)
+        self._skipped_host = skipped_host
         self._sync.num_updates_host += 1
 
     def _set_scale(self, new_scale: float | torch.Tensor) -> None:
@@ -473,6 +547,73 @@ class GradScaler:
     def set_growth_interval(self, new_interval: int) -> None:
         self._config = replace(self._config, growth_interval=new_interval)
 
+    # ------------------------------------------------------------------ what the scaler did
+
+    @property
+    def step_was_skipped(self) -> torch.Tensor:
+        """Whether the step closed by the last ``update()`` was skipped: a 0-dim bool tensor on the
+        scale's device, updated in place by each ``update()`` (clone it to keep a value).
+
+        No host sync: use it in device-side logic (see :func:`distscale.skip.ema_update_`).
+        """
+        return self._stats.step_was_skipped
+
+    def last_step_skipped(self) -> bool:
+        """``step_was_skipped`` as a Python bool (False when disabled).
+
+        Host sync: none when ``step`` already read the flags (optimizers that are not fused);
+        one ``item()`` otherwise.
+        """
+        if not self._enabled:
+            return False
+        if self._skipped_host is None:
+            self._skipped_host = bool(self._stats.step_was_skipped.item())  # host sync
+        return self._skipped_host
+
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """The metrics of ``metrics()`` as 0-dim device tensors (copies). No host sync."""
+        if not self._enabled:
+            return {}
+        st = self._state
+        named = {
+            "scale": st.scale,
+            "growth_tracker": st.growth_tracker,
+            "hysteresis_tracker": st.hysteresis_tracker,
+            "steps": st.num_updates,
+            "skipped_steps": st.num_skipped,
+            "min_scale_events": st.num_min_scale_events,
+            **self._stats._asdict(),
+        }
+        return {k: v.clone() for k, v in named.items()}
+
+    def metrics(self) -> dict[str, float | int | bool]:
+        """What the scaler did, as Python numbers. One host sync (one ``tolist()``); read it on the
+        steps you log, on any rank (every rank holds the same values). Empty when disabled.
+
+        Keys: ``scale``, ``growth_tracker``, ``hysteresis_tracker``, ``steps`` (updates applied),
+        ``skipped_steps``, ``min_scale_events`` and the counters of
+        :class:`~distscale.stats.ScalerStats` (``overflows``, ``consecutive_overflows``,
+        ``max_consecutive_overflows``, ``steps_since_overflow``, ``steps_at_min_scale``,
+        ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``; NaN: not
+        measured).
+        """
+        tensors = self.metric_tensors()
+        if not tensors:
+            return {}
+        return stats.to_host(tensors)  # host sync
+
+    @property
+    def last_overflow_report(self) -> OverflowReport | None:
+        """With ``overflow_diagnostics``: the findings of the last overflow step, on rank 0 of the
+        scaler's group (None on other ranks, and before any overflow)."""
+        return self._sync.last_overflow_report
+
+    def set_parameter_names(self, named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name parameters in overflow reports: a module (its ``named_parameters()``) or
+        ``(name, param)`` pairs. Without it, reports name optimizer positions. Local only."""
+        pairs = named.named_parameters() if isinstance(named, torch.nn.Module) else named
+        self._sync.parameter_names = {id(p): name for name, p in pairs}
+
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
@@ -483,13 +624,14 @@ class GradScaler:
         """
         if not self._enabled:
             return {}
-        values = torch.stack([t.double().cpu() for t in self._state]).tolist()
-        names = policy.ScaleState._fields
-        state = {
-            name: (float(v) if policy.STATE_DTYPES[name].is_floating_point else int(v))
-            for name, v in zip(names, values, strict=True)
+        plain = stats.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
+        state = {name: plain[name] for name in policy.ScaleState._fields}
+        # NaN ("not measured") is stored as None, so equal states compare equal.
+        measured = {
+            name: None if isinstance(plain[name], float) and math.isnan(plain[name]) else plain[name]
+            for name in stats.ScalerStats._fields
         }
-        return checkpoint.build(self._config, state)
+        return checkpoint.build(self._config, state, measured)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from ``state_dict()`` (this format or torch.amp.GradScaler's).
@@ -499,10 +641,13 @@ class GradScaler:
         """
         if not self._enabled:
             return
-        config, values = checkpoint.validate(state_dict, self._config)
+        config, values, stat_values = checkpoint.validate(state_dict, self._config)
         self._config = config
         for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
             tensor.fill_(values[name])
+        for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):
+            tensor.fill_(stat_values[name])
+        self._skipped_host = bool(stat_values["step_was_skipped"])
         self._sync.num_updates_host = values["num_updates"]
         self._min_event_host_seen = values["num_min_scale_events"]
 
@@ -514,10 +659,19 @@ class GradScaler:
             )
         state = self.__dict__.copy()
         state["_state"] = self._state.to("cpu")
+        state["_stats"] = self._stats.to("cpu")
         state["_initialized"] = False
         # Process groups do not pickle: an unpickled scaler reduces over the default group.
         state["_reducer"] = ReduceGroup(None)
-        state["_sync"] = StepSync(state["_reducer"], self._kernel, self._sync.check_every)
+        sync = self._sync
+        state["_sync"] = StepSync(
+            state["_reducer"],
+            self._kernel,
+            sync.check_every,
+            underflow_every=sync.underflow_every,
+            overflow_diagnostics=sync.overflow_diagnostics,
+        )
+        state["_sync"].parameter_names = sync.parameter_names
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
     mpirun -np 2 python launch/train.py --parallel ddp                 # Open MPI (+ mpi4py)
     srun python launch/train.py                                        # inside a Slurm allocation
     sbatch slurm/train.sbatch                                          # multi-node template
+    torchrun --standalone --nproc_per_node=2 launch/train.py --policy deepspeed   # another rule
 
 CPU + gloo is the embedded default; CUDA + NCCL when GPUs are present. The data is a synthetic
 Markov language generated from (seed, step), so runs are reproducible on any number of ranks.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
+import math
 import os
 import signal
 import sys
@@ -35,8 +38,11 @@ from gpt import GPT, Block, GPTConfig, MarkovLanguage
 
 from distscale import GradScaler
 from distscale.env import init_distributed
+from distscale.sinks import JsonlSink, MetricsLogger, MetricsSink, TensorBoardSink
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The scaling rules the job can run: torch's, and the presets that reproduce the peers' rules.
+POLICIES = ("torch", "deepspeed", "megatron", "fairseq")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +63,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-scale", type=float, default=2.0**20)
     p.add_argument("--growth-interval", type=int, default=20)
     p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="torch",
+        help="scaling rule: torch's, or the DeepSpeed / Megatron / fairseq preset (with this job's "
+        "--init-scale and --growth-interval as their initial scale and window, their own defaults otherwise)",
+    )
+    p.add_argument(
+        "--diagnose-overflow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log which parameters held inf/NaN gradients on which rank, on overflow steps",
+    )
+    p.add_argument(
+        "--underflow-every",
+        type=int,
+        default=10,
+        help="measure the zero / fp16-underflow fraction of the gradients every N steps (0: never)",
+    )
+    p.add_argument("--tensorboard", type=Path, help="also write the metrics as TensorBoard scalars here")
+    p.add_argument(
         "--hsdp-shard", type=int, default=0, help="HSDP shard group size (default: ranks per node)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -69,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inject-failure", metavar="STEP:RANK", help="testing aid: SIGKILL RANK at STEP (first attempt)"
     )
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.ckpt_every < 0:
-        p.error("--steps and --batch must be >= 1, --ckpt-every >= 0")
+    if args.steps < 1 or args.batch < 1 or args.ckpt_every < 0 or args.underflow_every < 0:
+        p.error("--steps and --batch must be >= 1, --ckpt-every and --underflow-every >= 0")
     if args.ckpt_every and args.ckpt_dir is None:
         p.error("--ckpt-every needs --ckpt-dir")
     return args
@@ -104,6 +130,32 @@ def build_model(args: argparse.Namespace, world: int, device: torch.device) -> t
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, rank, world
+
+
+def make_scaler(args: argparse.Namespace, device_type: str) -> GradScaler:
+    """The scaler for ``args.policy``; enabled for fp16 only (bf16 and fp32 need no scaling)."""
+    common: dict[str, Any] = {
+        "enabled": args.dtype == "fp16",
+        "overflow_diagnostics": args.diagnose_overflow,
+        "underflow_every": args.underflow_every,
+    }
+    if args.policy == "torch":
+        return GradScaler(
+            device_type, init_scale=args.init_scale, growth_interval=args.growth_interval, **common
+        )
+    if args.policy == "deepspeed":
+        power = math.log2(args.init_scale)
+        if not power.is_integer():
+            raise SystemExit(f"--policy deepspeed needs a power of two --init-scale, got {args.init_scale:g}")
+        fp16 = {"enabled": True, "initial_scale_power": int(power), "loss_scale_window": args.growth_interval}
+        return GradScaler.from_deepspeed_config({"fp16": fp16}, device_type, **common)
+    if args.policy == "megatron":
+        return GradScaler.from_megatron(
+            device_type, initial_loss_scale=args.init_scale, loss_scale_window=args.growth_interval, **common
+        )
+    return GradScaler.from_fairseq(
+        device_type, init_scale=args.init_scale, scale_window=args.growth_interval, **common
+    )
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -187,17 +239,15 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Overflow reports arrive on the "distscale" logger (rank 0 of the scaler's group).
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     env = init_distributed()
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     rank, world = env.rank, env.world_size
     model, dp_rank, dp_size = build_model(args, world, device)
     opt = make_optimizer(args, model)
-    scaler = GradScaler(
-        device.type,
-        init_scale=args.init_scale,
-        growth_interval=args.growth_interval,
-        enabled=args.dtype == "fp16",
-    )
+    scaler = make_scaler(args, device.type)
+    scaler.set_parameter_names(model)
     language = MarkovLanguage(GPTConfig().vocab)
 
     start = 0
@@ -211,10 +261,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (int(x) for x in args.inject_failure.split(":")) if args.inject_failure else (-1, -1)
     )
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    metrics = open(args.metrics, "a") if (args.metrics and rank == 0) else None
+    sinks: list[MetricsSink] = []
+    if args.metrics:
+        sinks.append(JsonlSink(args.metrics))  # appends: a resumed run continues the same file
+    if args.tensorboard:
+        sinks.append(TensorBoardSink(args.tensorboard))
+    metrics = MetricsLogger(sinks)  # writes on rank 0 only (files are created on first write)
     progress = Progress(args.steps, start, rank == 0, args.no_progress)
     wall = time.perf_counter()
-    skipped_total = scaler.state_dict().get("state", {}).get("num_skipped", 0)
     record: dict[str, Any] = {}
     for step in range(start, args.steps):
         if step == fail_step and rank == fail_rank and first_attempt:
@@ -232,24 +286,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         norm = scaler.clip_grad_norm_(opt, args.clip) if args.clip > 0 else None
         scaler.step(opt)
         scaler.update()
-        # Logging (host reads and one all-reduce), outside the scaler's step.
+        # Logging (host reads and one all-reduce), outside the scaler's step. The scaler's
+        # metrics are the same on every rank: one host read, no collective.
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)
-        state = scaler.state_dict().get("state", {"scale": 1.0, "num_skipped": 0})
-        skipped = state["num_skipped"] - skipped_total
-        skipped_total = state["num_skipped"]
+        scaler_metrics = scaler.metrics()
         record = {
             "step": step,
             "loss": global_loss.item() / world,
-            "scale": state["scale"],
-            "skipped": bool(skipped),
-            "skipped_total": skipped_total,
+            "scale": scaler_metrics.get("scale", 1.0),
+            "skipped": scaler_metrics.get("step_was_skipped", False),
+            "skipped_total": scaler_metrics.get("skipped_steps", 0),
             "grad_norm": None if norm is None else norm.item(),
             "step_time": time.perf_counter() - tic,
+            **{k: v for k, v in scaler_metrics.items() if k not in ("scale", "grad_norm")},
         }
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+        metrics.log(step, record)
         progress.update(step, record)
         done = step + 1
         if args.ckpt_dir is not None and (
@@ -268,8 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resumed_from": start,
         "final_loss": record.get("loss"),
         "best_possible_loss": language.best_loss,
+        "policy": args.policy,
         "scale": scaler.get_scale(),
-        "skipped_steps": skipped_total,
+        "skipped_steps": record.get("skipped_total", 0),
         "wall_time_s": time.perf_counter() - wall,
         "model_sha256": model_digest(model),
     }
@@ -281,12 +334,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"done: {args.steps - start} steps on {world} rank(s) ({env.launcher}, {args.parallel}) in "
             f"{summary['wall_time_s']:.1f} s; final loss {summary['final_loss'] or float('nan'):.4f} "
             f"(floor {language.best_loss:.4f}); scale {summary['scale']:g} on every rank: "
-            f"{len(set(scales)) == 1}; skipped steps {skipped_total}",
+            f"{len(set(scales)) == 1}; skipped steps {summary['skipped_steps']}",
             flush=True,
         )
-        if metrics is not None:
-            metrics.write(json.dumps(summary) + "\n")
-            metrics.close()
+    metrics.close()
+    if rank == 0 and args.metrics:
+        with open(args.metrics, "a") as f:
+            f.write(json.dumps(summary) + "\n")
     # torch 2.13 can deadlock when the last reference to a gloo group goes (the group's destructor
     # joins its worker threads while one of them waits for the GIL to free a finished collective's
     # tensors): keep what owns the groups alive until the process exits (see __main__).

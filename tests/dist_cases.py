@@ -572,3 +572,68 @@ def job_deepspeed_engine(rank: int, world: int, stages: list[int], fp16: dict, s
                 rec["params"].append([p.detach().float().clone() for p in engine.module.parameters()])
             out[(stage, mode)] = rec
     return out
+
+
+# ---------------------------------------------------------------------------- observability
+
+
+def _full_grads(model: nn.Module) -> list[torch.Tensor]:
+    # The job-wide gradient (collectives): FSDP1 gathers its unpadded grads, a DTensor its full
+    # tensor; a DDP replica is the one rank 0 holds.
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP):
+        with FSDP.summon_full_params(model, with_grads=True):
+            return [p.grad.clone() for p in model.parameters()]
+    return [
+        p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in model.parameters()
+    ]
+
+
+def job_observability(rank: int, world: int, setups: list[str], steps: int = 7) -> dict:
+    """Metrics, overflow diagnostics and the underflow monitor under ``PLANTS_2``.
+
+    On every step rank 0 also zeroes 4 elements and makes 4 tiny (would flush in fp16) in its first
+    local grad; monitor steps (every 2 updates) record the job-wide reference fractions computed
+    from the full gradients, which the scaler must reproduce from local shards.
+    """
+    out = {}
+    for setup in setups:
+        model, dp_index, _ = build(setup, rank, world)
+        opt = make_optimizer("sgd", model)
+        scaler = distscale.GradScaler(
+            "cpu", init_scale=2.0**10, growth_interval=3, overflow_diagnostics=True, underflow_every=2
+        )
+        scaler.set_parameter_names(model)
+        rec: dict[str, list] = {"metrics": [], "reports": [], "collectives": [], "reference": [], "norms": []}
+        for step in range(steps):
+            forward_backward(model, scaler, opt, rank, dp_index, step, {})
+            if rank == 0:
+                first = next(
+                    local_tensor(p.grad) for p in model.parameters() if local_tensor(p.grad).numel() >= 8
+                )
+                first.view(-1)[:4] = 0.0
+                first.view(-1)[4:8] = 1e-9
+            if step in PLANTS_2 and PLANTS_2[step][0] == rank:
+                plant(model, PLANTS_2[step][1])
+            reference = None
+            if step % 2 == 0:
+                full = torch.cat([g.reshape(-1).double() for g in _full_grads(model)])
+                zeros = (full == 0).sum().item()
+                flush = ((full.abs() <= 2.0**-25) & (full != 0)).sum().item()
+                reference = (zeros / full.numel(), flush / full.numel())
+            colls = {"n": 0}
+            with count_collectives(colls):
+                norm = scaler.clip_grad_norm_(opt, 1.0)
+                scaler.step(opt)
+                scaler.update()
+            report = scaler.last_overflow_report
+            rec["reports"].append(
+                None if report is None else (report.step, [(g.rank, g.name, g.kind) for g in report.grads])
+            )
+            rec["metrics"].append(scaler.metrics())
+            rec["collectives"].append(colls["n"])
+            rec["reference"].append(reference)
+            rec["norms"].append(norm.item())
+        out[setup] = rec
+    return out

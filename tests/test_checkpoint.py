@@ -69,7 +69,7 @@ def test_state_dict_is_plain_data():
     assert state["format_version"] == FORMAT_VERSION
     assert type(state["format_version"]) is int
     assert TORCH_KEYS <= set(state)
-    assert set(state) == TORCH_KEYS | {"format_version", "config", "state"}
+    assert set(state) == TORCH_KEYS | {"format_version", "config", "state", "stats"}
     assert set(state["state"]) == set(distscale.ScaleState._fields)
     assert set(state["config"]) == {f.name for f in distscale.ScalerConfig.__dataclass_fields__.values()}
 
@@ -307,7 +307,7 @@ def _config_both(key, value):
 
 
 BAD = {
-    "version-3": (_set(["format_version"], 3), ValueError, "format_version"),
+    "version-4": (_set(["format_version"], 4), ValueError, "format_version"),
     "version-0": (_set(["format_version"], 0), ValueError, "format_version"),
     "version-str": (_set(["format_version"], "1"), ValueError, "format_version"),
     "version-None": (_set(["format_version"], None), ValueError, "format_version"),
@@ -536,6 +536,7 @@ def _as_version_1(state):
     """What distscale 0.1 wrote: format 1, without the settings and counters format 2 added."""
     old = copy.deepcopy(state)
     old["format_version"] = 1
+    del old["stats"]
     for key in ("min_scale_rule", "growth_delay", "tolerance"):
         del old["config"][key]
     for key in ("steps_since_rescale", "overflows_since_backoff"):
@@ -546,14 +547,14 @@ def _as_version_1(state):
 def test_version_1_state_dict_loads_with_new_fields_at_their_defaults():
     source, _, _ = trained()
     state = source.state_dict()
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     target = GradScaler("cpu", tolerance=0.5, growth_delay=3, min_scale_rule="refuse")
     target.load_state_dict(_as_version_1(state))
     config = target.config
     assert (config.min_scale_rule, config.growth_delay, config.tolerance) == ("floor", 0, 0.0)
     assert config == source.config
     loaded = target.state_dict()
-    assert loaded["format_version"] == 2
+    assert loaded["format_version"] == 3
     assert loaded["state"] == {**state["state"], "steps_since_rescale": 0, "overflows_since_backoff": 0}
 
 

@@ -1,0 +1,118 @@
+"""Overflow diagnostics: on a skipped step, which parameters held inf/NaN gradients, on which rank.
+
+Opt-in (``GradScaler(overflow_diagnostics=True)``). Clean steps cost nothing beyond reading the
+step's job-wide flags on the host, which the scaler does anyway for optimizers that are not fused
+(one ``tolist()`` per step); with fused optimizers that read is the one extra host sync. On an
+overflow step every rank of the scaler's group (they all see the same flags) scans its local
+gradients, one host read, and the findings are gathered to the group's rank 0, which logs them on
+the ``"distscale"`` logger and keeps them in ``GradScaler.last_overflow_report``.
+
+The scan reads the gradients as they are when the flag is reduced: after ``unscale_`` (inf and NaN
+survive a multiplication by a finite positive ``inv_scale``) and before any clip.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distscale.collectives import ReduceGroup
+from distscale.sharding import LocalGrad
+
+__all__ = ["NonFiniteGrad", "OverflowReport", "gather", "parameter_names", "scan"]
+
+logger = logging.getLogger("distscale")
+
+
+@dataclass(frozen=True)
+class NonFiniteGrad:
+    """One local gradient (shard) that held non-finite values."""
+
+    rank: int  # rank in the scaler's group
+    name: str
+    num_inf: int  # +inf and -inf
+    num_nan: int
+    numel: int  # elements of the local shard
+    shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> str:
+        return "+".join(k for k, n in (("inf", self.num_inf), ("nan", self.num_nan)) if n)
+
+
+@dataclass(frozen=True)
+class OverflowReport:
+    step: int  # update() calls before this step (0-based step index)
+    world_size: int
+    grads: list[NonFiniteGrad]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({g.rank for g in self.grads})
+
+    def format(self, limit: int = 20) -> str:
+        lines = [
+            f"step {self.step}: non-finite gradients in {len(self.grads)} local tensor(s) on "
+            f"rank(s) {self.ranks} of {self.world_size}; the step is skipped on every rank"
+        ]
+        for g in self.grads[:limit]:
+            lines.append(
+                f"  rank {g.rank}: {g.name} {list(g.shape)}: {g.kind} (inf {g.num_inf}, nan {g.num_nan} "
+                f"of {g.numel})"
+            )
+        if len(self.grads) > limit:
+            lines.append(f"  ... and {len(self.grads) - limit} more")
+        return "\n".join(lines)
+
+
+def parameter_names(optimizer: torch.optim.Optimizer, named: Mapping[int, str] | None) -> dict[int, str]:
+    """``id(param.grad) -> name``: the model's names where known, else the optimizer position."""
+    names: dict[int, str] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if p.grad is not None:
+                name = None if named is None else named.get(id(p))
+                names[id(p.grad)] = name or f"param_groups[{g}]['params'][{i}]"
+    return names
+
+
+def scan(grads: Iterable[LocalGrad], names: Mapping[int, str], rank: int) -> list[NonFiniteGrad]:
+    """This rank's non-finite local gradients. One host read (call on overflow steps only)."""
+    grads = list(grads)
+    if not grads:
+        return []
+    with torch.no_grad():
+        counts = torch.stack(
+            [torch.stack([torch.isinf(g.tensor).sum(), torch.isnan(g.tensor).sum()]).cpu() for g in grads]
+        ).tolist()  # host sync
+    return [
+        NonFiniteGrad(
+            rank, names.get(id(g.source), "<unnamed>"), n_inf, n_nan, g.tensor.numel(), tuple(g.source.shape)
+        )
+        for g, (n_inf, n_nan) in zip(grads, counts, strict=True)
+        if n_inf or n_nan
+    ]
+
+
+def gather(local: list[NonFiniteGrad], reducer: ReduceGroup, step: int) -> OverflowReport | None:
+    """Gather every rank's findings to the group's rank 0, which logs and returns the report.
+
+    Every rank of the group must call it (they do: the flags they act on are job-wide).
+    Returns None on the other ranks.
+    """
+    group, world, rank = reducer.group, reducer.world_size, reducer.rank
+    if world == 1:
+        parts: list[list[NonFiniteGrad]] = [local]
+    else:
+        gathered: list[list[NonFiniteGrad]] | None = [[] for _ in range(world)] if rank == 0 else None
+        dist.gather_object(local, gathered, dst=dist.get_global_rank(group, 0), group=group)
+        if gathered is None:
+            return None
+        parts = gathered
+    report = OverflowReport(step, world, [g for part in parts for g in part])
+    logger.warning("%s", report.format())
+    return report

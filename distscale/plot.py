@@ -1,0 +1,211 @@
+"""Read a metrics JSON-lines file and draw the loss scale's history as one PNG.
+
+The file is what ``launch/train.py --metrics`` or :class:`distscale.sinks.JsonlSink` writes: one
+object per step with at least ``"step"``, and any of ``"scale"``, ``"loss"``, ``"grad_norm"``,
+``"skipped"`` (or ``"step_was_skipped"``), ``"zero_fraction"``, ``"underflow_fraction"``; plus
+summary lines (``"summary": true``) that are not steps. Host-only code: no torch, no ranks.
+Needs matplotlib: ``pip install "distscale[plot]"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DPI", "FIGSIZE", "overflow_rate", "plot_metrics", "read_metrics", "skipped_flag"]
+
+# Fixed so the PNG is always 1000 x 800 px (no tight bbox, which would crop to content).
+FIGSIZE = (10.0, 8.0)
+DPI = 100
+SKIP_COLOR = "#d62728"  # red markers for skipped steps
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The step records of ``path``, sorted by step.
+
+    Blank lines and summary lines (``"summary": true``) are skipped. A file appended to by a
+    resumed run repeats steps: the later line wins. ``NaN``/``Infinity`` tokens (Python's
+    ``json.dumps`` writes them) are accepted. Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the file and line number for a line that is not a JSON object with an
+    integer ``"step"``.
+    """
+    path = Path(path)
+    by_step: dict[int, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if record.get("summary"):
+                continue
+            step = record.get("step")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError(f'{path}:{lineno}: expected an integer "step", got {step!r}')
+            by_step[step] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def skipped_flag(record: Mapping[str, Any]) -> bool | None:
+    """Whether the record's step was skipped: ``"skipped"`` (train.py) or ``"step_was_skipped"``
+    (``GradScaler.metrics()``); ``None`` if neither is recorded."""
+    for key in ("skipped", "step_was_skipped"):
+        value = record.get(key)
+        if isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
+            return bool(value)
+    return None
+
+
+def _finite(record: Mapping[str, Any], key: str) -> float | None:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """Steps and finite values of ``key``; records without it (None, NaN, absent) are left out."""
+    steps, values = [], []
+    for record in records:
+        value = _finite(record, key)
+        if value is not None:
+            steps.append(record["step"])
+            values.append(value)
+    return steps, values
+
+
+def overflow_rate(steps: Sequence[int], flags: Sequence[bool], window: int) -> list[float]:
+    """For each record, the fraction of skipped records among those with step in (step - window, step].
+
+    With one record per step this is the overflow rate over the last ``window`` steps; with sparser
+    logging it is the rate among the logged steps in that span.
+    """
+    import numpy as np
+
+    s = np.asarray(steps, dtype=np.int64)
+    skipped = np.concatenate([[0], np.cumsum(np.asarray(flags, dtype=np.int64))])
+    start = np.searchsorted(s, s - window, side="right")  # first index inside the window
+    end = np.arange(1, len(s) + 1)
+    return ((skipped[end] - skipped[start]) / (end - start)).tolist()
+
+
+def _not_recorded(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"{what}: not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+    ax.set_yticks([])
+
+
+def plot_metrics(
+    records: Sequence[Mapping[str, Any]],
+    out_path: str | os.PathLike[str],
+    window: int = 50,
+    title: str | None = None,
+) -> Path:
+    """Draw ``records`` (as from :func:`read_metrics`) into ``out_path`` and return it as a Path.
+
+    Panels, sharing the step axis: log2(scale) with skipped steps as red markers at their scale;
+    loss; grad norm (log y when all positive); the overflow rate over ``window`` steps; and, only if
+    recorded, the zero and underflow fractions. A panel without data says "not recorded". The image
+    is 10 x 8 in at 100 dpi (1000 x 800 px for a PNG); the format follows ``out_path``'s suffix and
+    its parent directory is created if missing.
+    """
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise TypeError(f"window must be an int, got {type(window).__name__} {window!r}.")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (steps per overflow-rate window), got {window!r}.")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None, got {type(title).__name__} {title!r}.")
+    records = sorted(records, key=lambda r: r["step"])
+    if not records:
+        raise ValueError("records is empty: there are no step records to plot.")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f'plot_metrics needs matplotlib: pip install "distscale[plot]" ({err})') from err
+
+    fractions = [k for k in ("zero_fraction", "underflow_fraction") if _series(records, k)[0]]
+    # A bare Figure on an Agg canvas: no pyplot, no global backend switch, no display needed.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(4 + bool(fractions), 1, sharex=True)
+    fig.suptitle(title if title is not None else f"distscale: {len(records)} steps")
+
+    # 1. log2(scale), with skipped steps marked where the scale was when they were skipped.
+    ax = axes[0]
+    steps, scales = _series([r for r in records if (_finite(r, "scale") or 0) > 0], "scale")
+    if steps:
+        ax.plot(steps, [math.log2(v) for v in scales], drawstyle="steps-post", color="#1f77b4", lw=1)
+        marks = [
+            (r["step"], math.log2(v))
+            for r in records
+            if skipped_flag(r) and (v := _finite(r, "scale")) is not None and v > 0
+        ]
+        if marks:
+            ax.scatter(
+                *zip(*marks, strict=True), color=SKIP_COLOR, marker="v", s=18, zorder=3, label="skipped"
+            )
+            ax.legend(loc="best", fontsize="small")
+    else:
+        _not_recorded(ax, "scale")
+    ax.set_ylabel("log2(scale)")
+
+    # 2. loss.
+    ax = axes[1]
+    steps, losses = _series(records, "loss")
+    if steps:
+        ax.plot(steps, losses, color="#2ca02c", lw=1)
+    else:
+        _not_recorded(ax, "loss")
+    ax.set_ylabel("loss")
+
+    # 3. grad norm: NaN/None when not clipping, so often absent.
+    ax = axes[2]
+    steps, norms = _series(records, "grad_norm")
+    if steps:
+        ax.plot(steps, norms, color="#9467bd", lw=1)
+        if min(norms) > 0:
+            ax.set_yscale("log")
+    else:
+        _not_recorded(ax, "grad norm")
+    ax.set_ylabel("grad norm")
+
+    # 4. overflow rate per window.
+    ax = axes[3]
+    flagged = [(r["step"], flag) for r in records if (flag := skipped_flag(r)) is not None]
+    if flagged:
+        fsteps, flags = zip(*flagged, strict=True)
+        ax.plot(fsteps, overflow_rate(fsteps, flags, window), color=SKIP_COLOR, lw=1)
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        _not_recorded(ax, "skipped steps")
+    ax.set_ylabel(f"overflow rate\n({window} steps)")
+
+    # 5. zero / underflow fractions, log y when positive: they are often tiny next to each other.
+    if fractions:
+        ax = axes[4]
+        positive = True
+        for key, color in zip(fractions, ("#7f7f7f", "#ff7f0e"), strict=False):
+            steps, values = _series(records, key)
+            ax.plot(steps, values, color=color, lw=1, label=key.replace("_", " "))
+            positive = positive and min(values) > 0
+        if positive:
+            ax.set_yscale("log")
+        ax.legend(loc="upper left", fontsize="small")
+        ax.set_ylabel("fraction of\ngrad elements")
+
+    axes[-1].set_xlabel("step")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI)
+    return out

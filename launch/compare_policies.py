@@ -1,0 +1,100 @@
+"""Run the main job under each scaling rule and print what each did, side by side.
+
+    python launch/compare_policies.py                       # torch, deepspeed, megatron, fairseq
+    python launch/compare_policies.py --steps 300 --nproc 4 --policies torch deepspeed
+    python launch/compare_policies.py --out bench/results/policies.md -- --parallel ddp
+
+Each rule runs in its own ``torchrun --standalone`` job (``--nproc 1``: one plain process) on the
+same data, model and seed; arguments after ``--`` go to ``launch/train.py``. The table comes from
+each run's summary line and per-step metrics (``--metrics``), which stay in ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from train import POLICIES  # noqa: E402  (launch/ is not a package)
+
+COLUMNS = ("policy", "skipped steps", "final loss", "final scale", "min scale", "max consecutive", "wall s")
+
+
+def command(policy: str, nproc: int, steps: int, metrics: Path, extra: list[str]) -> list[str]:
+    job = [str(HERE / "train.py"), "--policy", policy, "--steps", str(steps), "--no-progress"]
+    job += ["--metrics", str(metrics), *extra]
+    if nproc == 1:
+        return [sys.executable, *job]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *job]
+
+
+def summarize(policy: str, metrics: Path) -> dict[str, Any]:
+    """One table row from a run's JSON lines (the per-step records, then the summary)."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    summary = next(line for line in reversed(lines) if line.get("summary"))
+    steps = [line for line in lines if not line.get("summary")]
+    scales = [s["scale"] for s in steps]
+    return {
+        "policy": policy,
+        "skipped steps": summary["skipped_steps"],
+        "final loss": summary["final_loss"],
+        "final scale": summary["scale"],
+        "min scale": min(scales) if scales else math.nan,
+        "max consecutive": max((s.get("max_consecutive_overflows", 0) for s in steps), default=0),
+        "wall s": summary["wall_time_s"],
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 100 else f"{value:g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--nproc", type=int, default=2, help="ranks per run (1: a plain process)")
+    p.add_argument("--workdir", type=Path, help="where the per-run metrics go (default: a temp dir)")
+    p.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.nproc < 1:
+        p.error(f"--steps and --nproc must be >= 1, got {args.steps} and {args.nproc}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distscale-policies-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for policy in args.policies:
+        metrics = workdir / f"{policy}.jsonl"
+        metrics.unlink(missing_ok=True)  # the job appends; a rerun starts fresh
+        print(f"running --policy {policy} ...", flush=True)
+        subprocess.run(command(policy, args.nproc, args.steps, metrics, extra), check=True)
+        rows.append(summarize(policy, metrics))
+    text = table(rows)
+    print(f"\n{args.steps} steps, {args.nproc} rank(s), metrics in {workdir}\n\n{text}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -20,23 +20,24 @@ checked again, at the cost of a second collective in that step, never of a wrong
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, overload
 
 import torch
 import torch.distributed as dist
 
-from distscale import checkpoint, policy, presets, stats, underflow
+from distscale import policy, stats
 from distscale._iteration import OptState
+from distscale._scaler_metrics import MetricsMixin
+from distscale._scaler_presets import PresetsMixin
+from distscale._scaler_state import StateMixin
 from distscale._step import StepSync
 from distscale.collectives import Packed, ReduceGroup
 from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
-from distscale.diagnostics import OverflowReport
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.overflow import GradSet
@@ -50,7 +51,7 @@ def _fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-class GradScaler:
+class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
     """Dynamic loss scaler for fp16 training on one process or many.
 
     A drop-in for ``torch.amp.GradScaler`` and ``ShardedGradScaler``: same arguments, defaults,
@@ -170,53 +171,6 @@ class GradScaler:
         self._skipped_host: bool | None = False  # the last step's skip, when already on the host
         self._initialized = False
         self._min_event_host_seen = 0
-
-    # ------------------------------------------------------------------ presets
-
-    @classmethod
-    def from_deepspeed_config(
-        cls, config: Mapping[str, Any], device: str = "cuda", **overrides: Any
-    ) -> GradScaler:
-        """A scaler whose scale follows DeepSpeed's fp16 loss scaling for ``config``.
-
-        ``config``: a DeepSpeed config dict, whole or its ``"fp16"`` section; semantics in
-        :func:`distscale.presets.deepspeed`. Raises at the minimum scale as ZeRO does
-        (``on_min_scale="clamp"`` overrides). ``overrides``: any GradScaler keyword argument.
-        """
-        return cls(device, **{**presets.deepspeed(config), **overrides})
-
-    @classmethod
-    def from_megatron(cls, device: str = "cuda", **kwargs: Any) -> GradScaler:
-        """A scaler following Megatron-core's ``DynamicGradScaler`` (or ``ConstantGradScaler``).
-
-        ``kwargs``: Megatron's names (``loss_scale``, ``initial_loss_scale``, ``min_loss_scale``,
-        ``loss_scale_window``, ``hysteresis``, ``growth_factor``, ``backoff_factor``; Megatron's
-        defaults) and any other GradScaler keyword argument. See :func:`distscale.presets.megatron`.
-        """
-        return cls._from_preset(presets.megatron, device, kwargs)
-
-    @classmethod
-    def from_fairseq(cls, device: str = "cuda", **kwargs: Any) -> GradScaler:
-        """A scaler following fairseq's ``DynamicLossScaler`` with fairseq-train's defaults.
-
-        ``kwargs``: fairseq's names (``init_scale``, ``scale_factor``, ``scale_window``,
-        ``tolerance``, ``threshold``, ``min_loss_scale``, ``data_parallel_size``, ``update_freq``)
-        and any other GradScaler keyword argument. Without ``scale_window`` and
-        ``data_parallel_size``, the data-parallel size is the world size of ``process_group`` (or of
-        the default group) when torch.distributed is initialized, else 1: pass it under model
-        parallelism. See :func:`distscale.presets.fairseq`.
-        """
-        if "scale_window" not in kwargs and "data_parallel_size" not in kwargs:
-            group = kwargs.get("process_group")
-            initialized = dist.is_available() and dist.is_initialized()
-            kwargs = {**kwargs, "data_parallel_size": dist.get_world_size(group) if initialized else 1}
-        return cls._from_preset(presets.fairseq, device, kwargs)
-
-    @classmethod
-    def _from_preset(cls, build: Any, device: str, kwargs: dict[str, Any]) -> GradScaler:
-        names = inspect.signature(build).parameters
-        settings = build(**{k: v for k, v in kwargs.items() if k in names})
-        return cls(device, **{**settings, **{k: v for k, v in kwargs.items() if k not in names}})
 
     # ------------------------------------------------------------------ scaling the loss
 
@@ -418,30 +372,6 @@ class GradScaler:
         if new_scale is None:
             self._report_min_scale()
 
-    @staticmethod
-    def _step_outcome(records: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        # The step's job-wide flag and what the stats want to know about it; no host sync.
-        flags = torch.stack([rec.found_inf for rec in records])
-        norms = [(rec.total_norm, rec.norm_type) for rec in records if rec.clipped]
-        grad_norm = None
-        if norms:  # several clipped optimizers: the norm over all of them (same norm_type)
-            values = torch.stack([n for n, _ in norms]).float()
-            p = norms[0][1]
-            grad_norm = values[0] if len(norms) == 1 else torch.linalg.vector_norm(values, p)
-        counts = [rec.underflow_reduced for rec in records if rec.underflow_reduced is not None]
-        under = underflow.fractions(torch.stack(counts).sum(0)) if counts else None
-        batches = [rec.batch.host for rec in records if rec.batch is not None]
-        skipped = None
-        if len(batches) == len(records) and all(b is not None for b in batches):
-            skipped = any(rec.batch.host[rec.batch_index] for rec in records)
-        extra = {
-            "overflows": (flags > 0).sum(),
-            "grad_norm": grad_norm,
-            "underflow": under,
-            "skipped_host": skipped,
-        }
-        return flags.sum(), extra
-
     def _apply_rule(
         self,
         found_inf: torch.Tensor,
@@ -546,133 +476,3 @@ class GradScaler:
 
     def set_growth_interval(self, new_interval: int) -> None:
         self._config = replace(self._config, growth_interval=new_interval)
-
-    # ------------------------------------------------------------------ what the scaler did
-
-    @property
-    def step_was_skipped(self) -> torch.Tensor:
-        """Whether the step closed by the last ``update()`` was skipped: a 0-dim bool tensor on the
-        scale's device, updated in place by each ``update()`` (clone it to keep a value).
-
-        No host sync: use it in device-side logic (see :func:`distscale.skip.ema_update_`).
-        """
-        return self._stats.step_was_skipped
-
-    def last_step_skipped(self) -> bool:
-        """``step_was_skipped`` as a Python bool (False when disabled).
-
-        Host sync: none when ``step`` already read the flags (optimizers that are not fused);
-        one ``item()`` otherwise.
-        """
-        if not self._enabled:
-            return False
-        if self._skipped_host is None:
-            self._skipped_host = bool(self._stats.step_was_skipped.item())  # host sync
-        return self._skipped_host
-
-    def metric_tensors(self) -> dict[str, torch.Tensor]:
-        """The metrics of ``metrics()`` as 0-dim device tensors (copies). No host sync."""
-        if not self._enabled:
-            return {}
-        st = self._state
-        named = {
-            "scale": st.scale,
-            "growth_tracker": st.growth_tracker,
-            "hysteresis_tracker": st.hysteresis_tracker,
-            "steps": st.num_updates,
-            "skipped_steps": st.num_skipped,
-            "min_scale_events": st.num_min_scale_events,
-            **self._stats._asdict(),
-        }
-        return {k: v.clone() for k, v in named.items()}
-
-    def metrics(self) -> dict[str, float | int | bool]:
-        """What the scaler did, as Python numbers. One host sync (one ``tolist()``); read it on the
-        steps you log, on any rank (every rank holds the same values). Empty when disabled.
-
-        Keys: ``scale``, ``growth_tracker``, ``hysteresis_tracker``, ``steps`` (updates applied),
-        ``skipped_steps``, ``min_scale_events`` and the counters of
-        :class:`~distscale.stats.ScalerStats` (``overflows``, ``consecutive_overflows``,
-        ``max_consecutive_overflows``, ``steps_since_overflow``, ``steps_at_min_scale``,
-        ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``; NaN: not
-        measured).
-        """
-        tensors = self.metric_tensors()
-        if not tensors:
-            return {}
-        return stats.to_host(tensors)  # host sync
-
-    @property
-    def last_overflow_report(self) -> OverflowReport | None:
-        """With ``overflow_diagnostics``: the findings of the last overflow step, on rank 0 of the
-        scaler's group (None on other ranks, and before any overflow)."""
-        return self._sync.last_overflow_report
-
-    def set_parameter_names(self, named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Name parameters in overflow reports: a module (its ``named_parameters()``) or
-        ``(name, param)`` pairs. Without it, reports name optimizer positions. Local only."""
-        pairs = named.named_parameters() if isinstance(named, torch.nn.Module) else named
-        self._sync.parameter_names = {id(p): name for name, p in pairs}
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict[str, Any]:
-        """The scaler's state as plain Python values (see :mod:`distscale.checkpoint`).
-
-        Empty when disabled, as torch. One host sync. Call it after ``update()``. The scaler is a
-        ``torch.distributed.checkpoint`` Stateful: every rank holds the same state.
-        """
-        if not self._enabled:
-            return {}
-        plain = stats.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
-        state = {name: plain[name] for name in policy.ScaleState._fields}
-        # NaN ("not measured") is stored as None, so equal states compare equal.
-        measured = {
-            name: None if isinstance(plain[name], float) and math.isnan(plain[name]) else plain[name]
-            for name in stats.ScalerStats._fields
-        }
-        return checkpoint.build(self._config, state, measured)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from ``state_dict()`` (this format or torch.amp.GradScaler's).
-
-        Validates everything first: a bad state raises and leaves the scaler unchanged. Works
-        before the first ``scale()``. No-op when disabled, as torch.
-        """
-        if not self._enabled:
-            return
-        config, values, stat_values = checkpoint.validate(state_dict, self._config)
-        self._config = config
-        for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
-            tensor.fill_(values[name])
-        for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):
-            tensor.fill_(stat_values[name])
-        self._skipped_host = bool(stat_values["step_was_skipped"])
-        self._sync.num_updates_host = values["num_updates"]
-        self._min_event_host_seen = values["num_min_scale_events"]
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self._sync.iteration.records:
-            raise ScalerUsageError(
-                "A GradScaler instance may only be pickled at the beginning "
-                "of an iteration, or at the end after scaler.update()."
-            )
-        state = self.__dict__.copy()
-        state["_state"] = self._state.to("cpu")
-        state["_stats"] = self._stats.to("cpu")
-        state["_initialized"] = False
-        # Process groups do not pickle: an unpickled scaler reduces over the default group.
-        state["_reducer"] = ReduceGroup(None)
-        sync = self._sync
-        state["_sync"] = StepSync(
-            state["_reducer"],
-            self._kernel,
-            sync.check_every,
-            underflow_every=sync.underflow_every,
-            overflow_diagnostics=sync.overflow_diagnostics,
-        )
-        state["_sync"].parameter_names = sync.parameter_names
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)

@@ -17,7 +17,9 @@ from tests._dist import run_ranks
 pytestmark = pytest.mark.slow
 
 # FSDP1's CPUOffload pins host memory, which torch refuses without an accelerator.
-CPU_ONLY_SKIP = {"fsdp1_offload": "FSDP1 CPUOffload needs an accelerator (pinned host buffers, device streams)"}
+CPU_ONLY_SKIP = {
+    "fsdp1_offload": "FSDP1 CPUOffload needs an accelerator (pinned host buffers, device streams)"
+}
 
 
 def _check_matrix(results: list[dict], world: int) -> None:

@@ -54,13 +54,15 @@ def summarize(policy: str, metrics: Path) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    def cell(value: Any) -> str:
+    def cell(column: str, value: Any) -> str:
+        if column == "wall s":
+            return f"{value:.1f}"
         if isinstance(value, float):
             return f"{value:.4f}" if abs(value) < 100 else f"{value:g}"
         return str(value)
 
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -86,3 +86,21 @@ def test_compare_policies_and_plot_the_main_jobs_metrics(tmp_path: Path) -> None
     )
     assert proc.returncode == 0, proc.stderr
     assert png.stat().st_size > 10_000 and str(png) in proc.stdout
+
+
+@pytest.mark.slow
+def test_main_job_writes_tensorboard_scalars(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--steps", "4", "--no-progress",
+         "--tensorboard", str(tb)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"scaler/scale", "scaler/loss", "scaler/skipped_steps", "scaler/zero_fraction"} <= tags, tags
+    assert [e.step for e in acc.Scalars("scaler/loss")] == [0, 1, 2, 3]

@@ -3,6 +3,10 @@
 ``GradSet`` gathers one optimizer's local gradients once (see :mod:`distscale.sharding`) and
 remembers which tensors it saw and their version counters, so the façade can tell whether the
 gradients changed (another backward, ``zero_grad``) since they were checked.
+
+With the "triton" backend on every group, a check that is told the norm type takes the local norm
+in the same pass (see :func:`distscale.kernels.fused_check_`) and ``local_norm`` returns it while
+the grads are unchanged; the other backends keep their separate norm pass, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +28,26 @@ def _group(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
     for t in tensors:
         groups[(t.device, t.dtype)].append(t)
     return groups
+
+
+def _group_grads(grads: list[LocalGrad]) -> dict[GroupKey, list[LocalGrad]]:
+    groups: dict[GroupKey, list[LocalGrad]] = defaultdict(list)
+    for g in grads:
+        groups[(g.tensor.device, g.tensor.dtype)].append(g)
+    return groups
+
+
+def _counted_numel(g: LocalGrad) -> int | None:
+    """How many leading elements of ``g.tensor`` count toward the norm (None: not a prefix)."""
+    if g.norm_tensor is None:
+        return 0
+    if g.norm_tensor is g.tensor:
+        return g.tensor.numel()
+    nt, t = g.norm_tensor, g.tensor
+    # FSDP1 flat params count their shard minus the padding: a contiguous prefix view.
+    if nt.data_ptr() == t.data_ptr() and nt.is_contiguous() and t.is_contiguous() and nt.numel() <= t.numel():
+        return nt.numel()
+    return None
 
 
 class _PerDevice:
@@ -49,6 +73,8 @@ class GradSet:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.grads: list[LocalGrad] = local_grads(params, rank)
         self._versions = self._snapshot()
+        # (norm_type, local norm of the current values) from a fused check; None when stale.
+        self._fused_norm: tuple[float, torch.Tensor] | None = None
 
     def _snapshot(self) -> list[int]:
         # A local view shares its base's version counter, so the stored tensors see later writes.
@@ -75,21 +101,57 @@ class GradSet:
         inv_scale: torch.Tensor | None,
         kernel: str,
         check: bool = True,
+        norm_type: float | None = None,
     ) -> None:
         """Accumulate this rank's inf/NaN flag into ``found_inf`` and unscale if ``inv_scale``.
 
         ``check=False`` only unscales (the grads were checked before and have not changed).
+        ``norm_type``: the norm ``local_norm`` will be asked for; taken in the same pass when every
+        group runs on the "triton" backend and it is 2 or inf (ignored otherwise).
         Runs one kernel call per (device, dtype) group; no host sync.
         """
+        self._fused_norm = None
+        groups = _group_grads(self.grads)
+        fuse = (
+            check
+            and norm_type in kernels.FUSED_NORM_TYPES
+            and all(kernels.backend(kernel, *key) == "triton" for key in groups)
+        )
+        counts = (
+            {key: [_counted_numel(g) for g in members] for key, members in groups.items()} if fuse else {}
+        )
+        fuse = fuse and all(None not in c for c in counts.values())
+        group_norms: list[torch.Tensor] = []
         with torch.no_grad():
             found = _PerDevice(found_inf)
             inv = None if inv_scale is None else _PerDevice(inv_scale)
-            for (device, _), tensors in _group([g.tensor for g in self.grads]).items():
+            for (device, dtype), members in groups.items():
+                tensors = [g.tensor for g in members]
                 target = found.get(device) if check else torch.zeros_like(found.get(device))
-                kernels.check_and_unscale_(tensors, target, None if inv is None else inv.get(device), kernel)
+                inv_here = None if inv is None else inv.get(device)
+                if fuse:
+                    norm = kernels.fused_check_(
+                        tensors, target, inv_here, norm_type, kernel, norm_numels=counts[(device, dtype)]
+                    )
+                    assert norm is not None
+                    group_norms.append(norm.to(found_inf.device))
+                else:
+                    kernels.check_and_unscale_(tensors, target, inv_here, kernel)
             for copy in found.values():
                 if copy is not found_inf:
                     found_inf.copy_(torch.maximum(found_inf, copy.to(found_inf.device)))
+            if fuse:
+                assert norm_type is not None
+                total = (
+                    torch.linalg.vector_norm(torch.stack(group_norms), norm_type)
+                    if group_norms
+                    else torch.zeros((), dtype=torch.float32, device=found_inf.device)
+                )
+                # The pass read the values before unscaling them: the grads now hold total * inv.
+                self._fused_norm = (
+                    norm_type,
+                    total if inv_scale is None else total * inv_scale.to(total.device),
+                )
         # torch's op rewrites every element even with inv_scale=1: our own writes are no change.
         self.refresh_versions()
 
@@ -102,6 +164,13 @@ class GradSet:
         exactly what ``torch.nn.utils.clip_grad_norm_`` computes on one process.
         ``scale_by`` multiplies the result (``inv_scale`` when the grads are still scaled).
         """
+        if (
+            self._fused_norm is not None
+            and self._fused_norm[0] == norm_type
+            and self._snapshot() == self._versions
+        ):
+            total = self._fused_norm[1].to(device)
+            return (total if scale_by is None else total * scale_by.to(device)).float()
         # Empty shards contribute nothing (and torch's inf-norm refuses them).
         counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None and g.norm_tensor.numel()]
         per_tensor: list[torch.Tensor] = []
@@ -121,6 +190,7 @@ class GradSet:
     def mul_(self, factor: torch.Tensor) -> None:
         """Multiply every local grad by ``factor`` in place (the clip), grouped by (device, dtype)
         like ``torch.nn.utils.clip_grad_norm_`` so results match it bitwise. No host sync."""
+        self._fused_norm = None
         with torch.no_grad():
             for (device, _), tensors in _group(self.tensors()).items():
                 torch._foreach_mul_(tensors, factor.to(device))

@@ -4,29 +4,110 @@
 ``grads`` is inf/NaN (checked *before* scaling, as torch does) and multiplies ``grads`` in place
 by ``inv_scale`` (skipped when ``inv_scale`` is None). ``norms(grads, norm_type)``: per-tensor norms.
 
-Backends: "torch" (torch's multi-tensor AMP op; its CUDA kernel has no bf16, so bf16 on CUDA
-falls back to the reference) and "reference" (plain torch ops, the ground truth). "auto" picks
-"torch". No backend syncs with the host.
+``fused_check_(grads, found_inf, inv_scale, norm_type, kernel, norm_numels=None)``: the same check
+(and unscale), and, when ``norm_type`` is not None, the group's ``norm_type`` norm of the values
+*as read* (before unscaling), counting only the first ``norm_numels[i]`` elements (row-major) of
+each tensor (default: all of them); returns it as a 0-dim float32 tensor on the grads' device
+(None without a norm; zero for an empty group). With the "triton" backend and a 2-norm or
+inf-norm this is one pass over the gradients; otherwise per-tensor norms are taken first, then the
+check runs (two passes). The Triton norm is accumulated in float32 per block and is not bitwise
+equal to torch's (relative error ~1e-6); its unscaled values and ``found_inf`` are bitwise equal.
+
+Backends:
+
+* "torch": torch's multi-tensor AMP op; its CUDA kernel has no bf16, so bf16 on CUDA falls back to
+  the reference.
+* "reference": plain torch ops, the ground truth.
+* "triton": :mod:`distscale.kernels.triton_ops`, one launch per group (any dtype among float32,
+  float16, bfloat16). CUDA tensors only, except under ``TRITON_INTERPRET=1`` where it runs in
+  Triton's interpreter on CPU tensors only (for tests). ``norms`` keeps torch's per-tensor norms:
+  the fused pass yields only a group total.
+* "auto": "triton" for CUDA tensors when Triton imports (and is not in interpreter mode), else
+  "torch", so on CPU "auto" is exactly "torch".
+
+No backend syncs with the host.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+from functools import cache
+from types import ModuleType
 from typing import Literal
 
 import torch
 
 from distscale.kernels import reference, torch_ops
 
-Kernel = Literal["auto", "torch", "reference"]
-KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "reference")
+Kernel = Literal["auto", "torch", "reference", "triton"]
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "reference", "triton")
+FUSED_NORM_TYPES: tuple[float, ...] = (2.0, math.inf)
 
-__all__ = ["KERNEL_CHOICES", "Kernel", "check_and_unscale_", "norms"]
+__all__ = [
+    "FUSED_NORM_TYPES",
+    "KERNEL_CHOICES",
+    "Kernel",
+    "backend",
+    "check_and_unscale_",
+    "fused_check_",
+    "norms",
+]
+
+_TRITON_MODULE = "distscale.kernels.triton_ops"
 
 
-def _use_reference(kernel: str, grads: list[torch.Tensor]) -> bool:
+def _triton_ops() -> ModuleType:
+    # Imported on first use: importing Triton costs ~1 s and it is an optional dependency.
+    from distscale.kernels import triton_ops
+
+    return triton_ops
+
+
+@cache
+def _triton_importable() -> bool:
+    try:
+        _triton_ops()
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    # Triton decides at decoration time; once our kernel exists, it is the authority.
+    module = sys.modules.get(_TRITON_MODULE)
+    if module is not None:
+        return bool(module.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def backend(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that ``kernel`` runs on for a (device, dtype) group: "triton", "torch" or
+    "reference". Raises ValueError for an unknown kernel or "triton" where it cannot run, and
+    ImportError (with the install command) for "triton" without Triton. No host sync."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}.")
     if kernel == "reference":
-        return True
-    return not torch_ops.supports(grads[0].device, grads[0].dtype)
+        return "reference"
+    triton_dtype = dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if kernel == "triton":
+        if device.type == "cpu" and not _interpreting():
+            raise ValueError(
+                "kernel='triton' runs on CUDA tensors; these are on the CPU. Use kernel='auto' (or "
+                "'torch'), or set TRITON_INTERPRET=1 before the first use of the Triton kernel to run it "
+                "in Triton's (slow) interpreter, for testing."
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"kernel='triton' runs on CUDA tensors, got {device}. Use kernel='auto'.")
+        if not triton_dtype:
+            raise ValueError(f"kernel='triton' takes float32, float16 or bfloat16 grads, got {dtype}.")
+        _triton_ops()  # ImportError with the install hint when Triton is missing
+        return "triton"
+    if kernel == "auto" and device.type == "cuda" and triton_dtype and not _interpreting():
+        if _triton_importable():
+            return "triton"
+    return "torch" if torch_ops.supports(device, dtype) else "reference"
 
 
 def check_and_unscale_(
@@ -38,13 +119,62 @@ def check_and_unscale_(
     """Check (and optionally unscale) one (device, dtype) group in place. No host sync."""
     if not grads:
         return
-    impl = reference if _use_reference(kernel, grads) else torch_ops
-    impl.check_and_unscale_(grads, found_inf, inv_scale)
+    impl = backend(kernel, grads[0].device, grads[0].dtype)
+    if impl == "triton":
+        _triton_ops().fused_check_(grads, found_inf, inv_scale, None)
+        return
+    (reference if impl == "reference" else torch_ops).check_and_unscale_(grads, found_inf, inv_scale)
 
 
 def norms(grads: list[torch.Tensor], norm_type: float, kernel: str = "auto") -> list[torch.Tensor]:
     """Per-tensor ``norm_type`` norms (float32 for 16-bit grads). No host sync."""
     if not grads:
         return []
+    if kernel == "triton":
+        backend(kernel, grads[0].device, grads[0].dtype)  # the same errors as the check
     impl = reference if kernel == "reference" else torch_ops
     return impl.norms(grads, norm_type)
+
+
+def _counted(grads: list[torch.Tensor], norm_numels: list[int] | None) -> list[torch.Tensor]:
+    if norm_numels is None:
+        return [g for g in grads if g.numel()]
+    return [g.reshape(-1)[:n] for g, n in zip(grads, norm_numels, strict=True) if n]
+
+
+def fused_check_(
+    grads: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor | None,
+    norm_type: float | None = None,
+    kernel: str = "auto",
+    *,
+    norm_numels: list[int] | None = None,
+) -> torch.Tensor | None:
+    """Check (and unscale) one (device, dtype) group and return the norm of its values as read.
+
+    Semantics in the module docstring. Returns None when ``norm_type`` is None, else a 0-dim
+    float32 tensor on the grads' device (on ``found_inf``'s device for an empty group).
+    No host sync.
+    """
+    if norm_type is not None:
+        norm_type = float(norm_type)
+    if norm_numels is not None and len(norm_numels) != len(grads):
+        raise ValueError(f"norm_numels has {len(norm_numels)} entries for {len(grads)} tensors.")
+    if not grads:
+        return None if norm_type is None else torch.zeros((), dtype=torch.float32, device=found_inf.device)
+    impl = backend(kernel, grads[0].device, grads[0].dtype)
+    if impl == "triton" and (norm_type is None or norm_type in FUSED_NORM_TYPES):
+        return _triton_ops().fused_check_(grads, found_inf, inv_scale, norm_type, norm_numels=norm_numels)
+    total = None
+    if norm_type is not None:
+        # Read before the check may unscale: the norm is of the values as read.
+        counted = _counted(grads, norm_numels)
+        with torch.no_grad():
+            if counted:
+                per_tensor = norms(counted, norm_type, kernel)
+                total = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type).float()
+            else:
+                total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    check_and_unscale_(grads, found_inf, inv_scale, kernel)
+    return total

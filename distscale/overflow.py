@@ -11,14 +11,16 @@ the grads are unchanged; the other backends keep their separate norm pass, bit f
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections import defaultdict
 
 import torch
 
 from distscale import kernels
-from distscale.sharding import LocalGrad, local_grads
+from distscale.sharding import LocalGrad, ParamKinds, local_grads, param_kinds
 
-__all__ = ["GradSet"]
+__all__ = ["GradSet", "KindsCache"]
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -66,12 +68,38 @@ class _PerDevice:
         return list(self._copies.values())
 
 
+class KindsCache:
+    """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.param_kinds`),
+    reused while its parameter list holds the same objects: classifying costs attribute lookups
+    per parameter that would otherwise repeat every step."""
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[
+            torch.optim.Optimizer, tuple[list[torch.Tensor], int, ParamKinds]
+        ]
+        self._entries = weakref.WeakKeyDictionary()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (KindsCache, ())  # a cache: pickles empty (weak references do not pickle)
+
+    def get(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rank: int) -> ParamKinds:
+        entry = self._entries.get(optimizer)
+        if entry is not None:
+            old, old_rank, kinds = entry
+            if old_rank == rank and len(old) == len(params) and all(map(operator.is_, old, params)):
+                return kinds
+        kinds = param_kinds(params, rank)
+        self._entries[optimizer] = (params, rank, kinds)
+        return kinds
+
+
 class GradSet:
     """One optimizer's local gradients, as seen at one moment."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int, kinds: KindsCache | None = None) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.grads: list[LocalGrad] = local_grads(params, rank)
+        known = None if kinds is None else kinds.get(optimizer, params, rank)
+        self.grads: list[LocalGrad] = local_grads(params, rank, known)
         self._versions = self._snapshot()
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None

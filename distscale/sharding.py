@@ -17,16 +17,16 @@ per-bucket found_inf all-reduce) out of the step: the scaler's single collective
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["LocalGrad", "local_grads"]
+__all__ = ["LocalGrad", "ParamKinds", "local_grads", "param_kinds"]
 
 
-@dataclass(frozen=True, slots=True)
-class LocalGrad:
+class LocalGrad(NamedTuple):
+    # A NamedTuple, not a dataclass: one is built per gradient per step, and tuples build fastest.
     tensor: torch.Tensor
     """Local storage of the gradient: checked for inf/NaN and unscaled in place."""
     source: torch.Tensor
@@ -69,36 +69,69 @@ def _flat_param_view(param: torch.Tensor, grad: torch.Tensor, rank: int) -> Loca
     return LocalGrad(grad, grad, counted if (rank == 0 or not replicated) else None)
 
 
-def local_grads(params: Iterable[torch.Tensor], rank: int) -> list[LocalGrad]:
+# What a parameter is, which decides how its grad is read: a plain tensor (whose grad is read as
+# is, counted toward the norm on rank 0 or, for FSDP1's original params, everywhere) or anything
+# that needs a closer look at every step (DTensor, FlatParameter; sparse grads are found per step).
+_PLAIN_COUNTED, _PLAIN_ELSEWHERE, _SPECIAL = 0, 1, 2
+ParamKinds = list[int]
+
+
+def param_kinds(params: Sequence[torch.Tensor], rank: int) -> ParamKinds:
+    """Classify ``params`` once; :func:`local_grads` reuses it while the parameter list is the same."""
+    dtensor = _dtensor_type()
+    kinds = []
+    for param in params:
+        if (dtensor is not None and isinstance(param, dtensor)) or (
+            hasattr(param, "_unpadded_unsharded_size") and hasattr(param, "_sharded_size")
+        ):
+            kinds.append(_SPECIAL)
+        elif rank == 0 or getattr(param, "_fsdp_flattened", False):
+            kinds.append(_PLAIN_COUNTED)
+        else:
+            kinds.append(_PLAIN_ELSEWHERE)
+    return kinds
+
+
+def local_grads(
+    params: Sequence[torch.Tensor], rank: int, kinds: ParamKinds | None = None
+) -> list[LocalGrad]:
     """Local gradients of ``params`` (params without a grad are skipped).
 
     Args:
         params: the optimizer's parameters, in order.
         rank: this rank's index in the scaler's process group (0 when not distributed).
+        kinds: ``param_kinds(params, rank)``, if already known (it is per step: this runs per step).
 
     No host sync, no collective.
     """
-    dtensor = _dtensor_type()
+    if kinds is None:
+        kinds = param_kinds(params, rank)
     out: list[LocalGrad] = []
-    for param in params:
+    for param, kind in zip(params, kinds, strict=True):
         grad = param.grad
         if grad is None:
             continue
-        if dtensor is not None and isinstance(grad, dtensor):
-            local = grad.to_local()
-            out.append(LocalGrad(local, grad, local if _owns_dtensor(grad) else None))
-            continue
-        if grad.is_sparse:
-            if grad.dtype is torch.float16 and not grad.is_coalesced():
-                # Duplicate indices would overflow when summed later; check the coalesced values.
-                param.grad = grad = grad.coalesce()
-            values = grad._values()
-            out.append(LocalGrad(values, grad, values if rank == 0 else None))
-            continue
-        # FlatParameter (its instances report type Parameter): shard metadata set for every strategy.
-        if hasattr(param, "_unpadded_unsharded_size") and hasattr(param, "_sharded_size"):
-            out.append(_flat_param_view(param, grad, rank))
-            continue
-        fsdp1_orig = getattr(param, "_fsdp_flattened", False)
-        out.append(LocalGrad(grad, grad, grad if (fsdp1_orig or rank == 0) else None))
+        # The common case, in as few Python operations as possible (thousands of grads per step).
+        if kind != _SPECIAL and type(grad) is torch.Tensor and not grad.is_sparse:
+            out.append(LocalGrad(grad, grad, grad if kind == _PLAIN_COUNTED else None))
+        else:
+            out.append(_special(param, grad, rank))
     return out
+
+
+def _special(param: torch.Tensor, grad: torch.Tensor, rank: int) -> LocalGrad:
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(grad, dtensor):
+        local = grad.to_local()
+        return LocalGrad(local, grad, local if _owns_dtensor(grad) else None)
+    if grad.is_sparse:
+        if grad.dtype is torch.float16 and not grad.is_coalesced():
+            # Duplicate indices would overflow when summed later; check the coalesced values.
+            param.grad = grad = grad.coalesce()
+        values = grad._values()
+        return LocalGrad(values, grad, values if rank == 0 else None)
+    # FlatParameter (its instances report type Parameter): shard metadata set for every strategy.
+    if hasattr(param, "_unpadded_unsharded_size") and hasattr(param, "_sharded_size"):
+        return _flat_param_view(param, grad, rank)
+    fsdp1_orig = getattr(param, "_fsdp_flattened", False)
+    return LocalGrad(grad, grad, grad if (fsdp1_orig or rank == 0) else None)

@@ -668,3 +668,23 @@ def test_grad_change_detection_sees_writes_new_tensors_and_none():
     grads = GradSet(opt, rank=0)
     first.grad = None  # zero_grad(set_to_none=True) on part of the model
     assert not grads.unchanged_since(opt)
+
+
+def test_param_group_added_mid_training_is_checked():
+    """The per-optimizer parameter classification is cached; a new param group must invalidate it."""
+    model, opt = make()
+    extra = torch.nn.Parameter(torch.ones(3))
+    scaler = GradScaler("cpu", init_scale=2.0**10)
+    for step in range(2):
+        opt.zero_grad()
+        scaler.scale(loss_of(model, step)).backward()
+        scaler.step(opt)
+        scaler.update()
+    opt.add_param_group({"params": [extra]})
+    opt.zero_grad()
+    scaler.scale(loss_of(model, 2) + extra.sum()).backward()
+    extra.grad[1] = INF
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.last_step_skipped() and scaler.get_scale() == 2.0**9
+    assert torch.equal(extra.detach(), torch.ones(3))

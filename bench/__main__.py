@@ -4,7 +4,7 @@
     python -m bench --quick --out /tmp/b     # CPU smoke run, tiny sizes (well under a minute)
     python -m bench --scenarios S1,S4,step --impls distscale-inplace,torch-chain --reps 50
 
-Writes ``<out>/<YYYY-MM-DD>-<device>[-quick].json`` and ``.md`` (default out: bench/results).
+Writes ``<out>/<YYYY-MM-DD>-<device>[-quick][-<tag>].json`` and ``.md`` (default out: bench/results).
 Scenario tokens: a group (S1..S5), a name or id (``S3:gpt2-124m``), ``step`` (full scaler step on
 a small model) and ``multirank`` (FSDP2 on gloo ranks).
 """
@@ -68,6 +68,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
     p.add_argument("--reps", type=int, default=None, help="timed reps per row (default: per profile)")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the multi-rank scenario")
+    p.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
     return p.parse_args(argv)
 
 
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "multirank": mr,
     }
     results["targets"] = targets.evaluate(rows, steps, mr, device.type)
-    stem = f"{date}-{device_slug(device)}" + ("-quick" if args.quick else "")
+    stem = (
+        f"{date}-{device_slug(device)}"
+        + ("-quick" if args.quick else "")
+        + (f"-{args.tag}" if args.tag else "")
+    )
     json_path, md_path = report.write(results, args.out, stem)
     print(report.summary(results))
     print(f"\nwrote {json_path} and {md_path}")

@@ -59,7 +59,10 @@ def test_four_ranks_hsdp_and_tensor_parallel() -> None:
     _check_matrix(results, 4)
 
 
-@pytest.mark.skip(reason=CPU_ONLY_SKIP["fsdp1_offload"] + "; runs in the GPU tier")
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason=CPU_ONLY_SKIP["fsdp1_offload"] + "; runs in the GPU tier"
+)
 def test_fsdp1_cpu_offload() -> None:  # pragma: no cover - needs an accelerator
     _check_matrix(run_ranks(dc.job_matrix, 2, ["fsdp1_offload"], ["distscale"]), 2)
 

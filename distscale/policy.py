@@ -134,17 +134,16 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
     new_scale = torch.where(
         apply_backoff, backed_off, torch.where(grown_ok, torch.clamp(grown, max=max_scale), scale)
     )
-    zero = torch.zeros_like(growth_tracker)
+    # Python scalars in torch.where keep the tensor's dtype and cost no extra kernel.
     if config.growth_delay == 0:
-        new_growth_tracker = torch.where(found | do_growth, zero, successful)
+        new_growth_tracker = torch.where(found | do_growth, 0, successful)
     else:
-        restart = torch.full_like(growth_tracker, -config.growth_delay)
-        new_growth_tracker = torch.where(found, restart, torch.where(do_growth, zero, successful))
+        new_growth_tracker = torch.where(found, -config.growth_delay, torch.where(do_growth, 0, successful))
     refill = do_growth if config.hysteresis_refill == "growth" else ~found
     new_hysteresis = torch.where(
         found,
         torch.clamp(hysteresis_tracker - 1, min=0),
-        torch.where(refill, torch.full_like(hysteresis_tracker, config.hysteresis), hysteresis_tracker),
+        torch.where(refill, config.hysteresis, hysteresis_tracker),
     )
     steps, overflows = state.steps_since_rescale, state.overflows_since_backoff
     return ScaleState(
@@ -154,8 +153,6 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
         num_updates=state.num_updates + 1,
         num_skipped=state.num_skipped + found.to(state.num_skipped.dtype),
         num_min_scale_events=state.num_min_scale_events + min_event.to(torch.int64),
-        steps_since_rescale=torch.where(do_backoff | do_growth, torch.zeros_like(steps), steps + 1),
-        overflows_since_backoff=torch.where(
-            do_backoff, torch.zeros_like(overflows), overflows + found.to(overflows.dtype)
-        ),
+        steps_since_rescale=torch.where(do_backoff | do_growth, 0, steps + 1),
+        overflows_since_backoff=torch.where(do_backoff, 0, overflows + found.to(overflows.dtype)),
     )

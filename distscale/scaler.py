@@ -383,21 +383,19 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
     ) -> None:
         # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed
         # adapter), then the stats. In place keeps CUDA-graph captures and user references valid.
-        old = self._state
-        new = policy.update(old, found_inf, self._config)
-        for dst, src in zip(old, new, strict=True):
-            dst.copy_(src)
+        new = policy.update(self._state, found_inf, self._config)
         new_stats = stats.update_stats(
             self._stats,
             found_inf,
-            self._state.scale,
+            new.scale,
             self._config,
             overflows=overflows,
             grad_norm=grad_norm,
             underflow=underflow,
         )
-        for dst, src in zip(self._stats, new_stats, strict=True):
-            dst.copy_(src)
+        # One foreach copy writes every value back in place (CUDA-graph captures and user
+        # references to the state tensors stay valid).
+        torch._foreach_copy_([*self._state, *self._stats], [*new, *new_stats])
         self._skipped_host = skipped_host
         self._sync.num_updates_host += 1
 

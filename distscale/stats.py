@@ -93,10 +93,9 @@ def update_stats(
     found = found_inf.to(device) > 0
     if overflows is None:
         overflows = found.to(torch.int64)
-    one, zero = torch.ones_like(stats.overflows), torch.zeros_like(stats.overflows)
-    consecutive = torch.where(found, stats.consecutive_overflows + 1, zero)
+    consecutive = torch.where(found, stats.consecutive_overflows + 1, 0)
     if config.min_scale is None:
-        at_min = zero
+        at_min = torch.zeros_like(stats.steps_at_min_scale)
     else:
         at_min = (new_scale.to(device) <= config.min_scale).to(torch.int64)
     nan = torch.full_like(stats.grad_norm, float("nan"))
@@ -107,7 +106,7 @@ def update_stats(
         overflows=stats.overflows + overflows.to(device=device, dtype=torch.int64),
         consecutive_overflows=consecutive,
         max_consecutive_overflows=torch.maximum(stats.max_consecutive_overflows, consecutive),
-        steps_since_overflow=torch.where(found, zero, stats.steps_since_overflow + one),
+        steps_since_overflow=torch.where(found, 0, stats.steps_since_overflow + 1),
         steps_at_min_scale=stats.steps_at_min_scale + at_min,
         step_was_skipped=found,
         grad_norm=nan if grad_norm is None else grad_norm.to(device=device, dtype=torch.float32),

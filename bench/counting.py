@@ -17,32 +17,9 @@ from collections.abc import Iterator
 
 import torch
 
+from tests._syncs import count_host_syncs
+
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu")
-
-
-@contextlib.contextmanager
-def _host_reads(counts: Counter[str]) -> Iterator[None]:
-    saved = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
-
-    def wrap(name: str):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return counted
-
-    for name in HOST_READS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield
-    finally:
-        for name, original in saved.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
 
 
 @contextlib.contextmanager
@@ -62,9 +39,13 @@ def _cuda_syncs(counts: Counter[str]) -> Iterator[None]:
 def count_syncs(device: torch.device) -> Iterator[Counter[str]]:
     """Counts by kind, filled when the block exits; ``sum(counts.values())`` is the total."""
     counts: Counter[str] = Counter()
-    guard = _cuda_syncs(counts) if device.type == "cuda" else _host_reads(counts)
-    with guard:
+    if device.type == "cuda":
+        with _cuda_syncs(counts):
+            yield counts
+        return
+    with count_host_syncs(HOST_READS) as reads:
         yield counts
+    counts.update(reads)
 
 
 @contextlib.contextmanager

@@ -11,21 +11,12 @@ from typing import Any
 
 import torch
 
-from distscale import policy, stats, underflow
-from distscale._step import StepSync
-from distscale.config import ScalerConfig
+from distscale import stats, underflow
+from distscale._scaler_base import ScalerAttrs
 from distscale.diagnostics import OverflowReport
 
 
-class MetricsMixin:
-    # Set by GradScaler.__init__.
-    _enabled: bool
-    _config: ScalerConfig
-    _state: policy.ScaleState
-    _stats: stats.ScalerStats
-    _skipped_host: bool | None
-    _sync: StepSync
-
+class MetricsMixin(ScalerAttrs):
     @staticmethod
     def _step_outcome(records: list[Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         # The step's job-wide flag and what the stats want to know about it; no host sync.

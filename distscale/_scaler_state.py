@@ -9,23 +9,13 @@ import math
 from typing import Any
 
 from distscale import checkpoint, policy, stats
+from distscale._scaler_base import ScalerAttrs
 from distscale._step import StepSync
 from distscale.collectives import ReduceGroup
-from distscale.config import ScalerConfig
 from distscale.errors import ScalerUsageError
 
 
-class StateMixin:
-    # Set by GradScaler.__init__.
-    _enabled: bool
-    _config: ScalerConfig
-    _state: policy.ScaleState
-    _stats: stats.ScalerStats
-    _skipped_host: bool | None
-    _sync: StepSync
-    _kernel: str
-    _min_event_host_seen: int
-
+class StateMixin(ScalerAttrs):
     def state_dict(self) -> dict[str, Any]:
         """The scaler's state as plain Python values (see :mod:`distscale.checkpoint`).
 

@@ -12,10 +12,11 @@ SYNC_METHODS = ("item", "__bool__", "tolist", "__float__", "__int__")
 
 
 @contextlib.contextmanager
-def count_host_syncs() -> Iterator[Counter[str]]:
-    """Count calls of ``Tensor.item/__bool__/tolist/__float__/__int__`` inside the block, by name."""
+def count_host_syncs(methods: tuple[str, ...] = SYNC_METHODS) -> Iterator[Counter[str]]:
+    """Count calls of the ``Tensor`` ``methods`` (default ``item/__bool__/tolist/__float__/__int__``)
+    inside the block, by name. Also used by ``bench/`` (which adds ``cpu``)."""
     counts: Counter[str] = Counter()
-    saved = {name: torch.Tensor.__dict__.get(name) for name in SYNC_METHODS}
+    saved = {name: torch.Tensor.__dict__.get(name) for name in methods}
 
     def wrap(name: str):
         original = getattr(torch.Tensor, name)
@@ -26,7 +27,7 @@ def count_host_syncs() -> Iterator[Counter[str]]:
 
         return counted
 
-    for name in SYNC_METHODS:
+    for name in methods:
         setattr(torch.Tensor, name, wrap(name))
     try:
         yield counts

@@ -146,11 +146,16 @@ def plot_metrics(
     steps, scales = _series([r for r in records if (_finite(r, "scale") or 0) > 0], "scale")
     if steps:
         ax.plot(steps, [math.log2(v) for v in scales], drawstyle="steps-post", color="#1f77b4", lw=1)
-        marks = [
-            (r["step"], math.log2(v))
-            for r in records
-            if skipped_flag(r) and (v := _finite(r, "scale")) is not None and v > 0
-        ]
+        # A record's scale is the one update() left; the step itself ran at the previous record's.
+        marks = []
+        previous: float | None = None
+        for r in records:
+            v = _finite(r, "scale")
+            used = previous if previous is not None else v
+            if skipped_flag(r) and used is not None and used > 0:
+                marks.append((r["step"], math.log2(used)))
+            if v is not None and v > 0:
+                previous = v
         if marks:
             ax.scatter(
                 *zip(*marks, strict=True), color=SKIP_COLOR, marker="v", s=18, zorder=3, label="skipped"

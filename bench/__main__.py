@@ -45,13 +45,17 @@ class Profile:
     multirank: dict[str, int]
     world_size: int
     timeout_s: float
+    # The same full step on a deep stack of tiny layers: where per-gradient host time dominates.
+    step_many: dict[str, int] | None = None
 
 
 PROFILES = {
     "gpu": Profile("gpu", 30, 3, 1.0, 2 << 30, {"width": 1024, "layers": 32, "batch": 64, "steps": 30},
-                   {"width": 256, "layers": 8, "batch": 16, "warmup": 2, "steps": 20}, 4, 600.0),
+                   {"width": 256, "layers": 8, "batch": 16, "warmup": 2, "steps": 20}, 4, 600.0,
+                   {"width": 8, "layers": 2500, "batch": 8, "steps": 20}),
     "cpu": Profile("cpu", 15, 2, 1.0, 256 << 20, {"width": 256, "layers": 16, "batch": 32, "steps": 20},
-                   {"width": 256, "layers": 8, "batch": 16, "warmup": 2, "steps": 20}, 4, 600.0),
+                   {"width": 256, "layers": 8, "batch": 16, "warmup": 2, "steps": 20}, 4, 600.0,
+                   {"width": 8, "layers": 500, "batch": 8, "steps": 10}),
     "quick": Profile("quick", 2, 1, 0.2, 16 << 20, {"width": 32, "layers": 4, "batch": 8, "steps": 3},
                      {"width": 32, "layers": 3, "batch": 4, "warmup": 2, "steps": 3}, 2, 120.0),
 }  # fmt: skip
@@ -190,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     steps: list[dict[str, Any]] = []
     if "step" in extras:
-        steps = fullstep.run_steps(device, **{**profile.step, "steps": args.reps or profile.step["steps"]})
+        for config in (profile.step, profile.step_many):
+            if config is not None:
+                steps += fullstep.run_steps(device, **{**config, "steps": args.reps or config["steps"]})
     mr: dict[str, Any] | None = None
     if "multirank" in extras:
         try:

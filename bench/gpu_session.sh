@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_session.sh tests     # GPU tests: kernel matrix, sync-free step, CUDA graph, FSDP1 offload
 #   bash bench/gpu_session.sh bench-a   # python -m bench: S1, S2 (flat buffers, buckets)
-#   bash bench/gpu_session.sh bench-b   # python -m bench: S3-S5, full step, multi-rank
+#   bash bench/gpu_session.sh bench-b   # python -m bench: S3-S5, full step, multi-rank; bench.hosttime
 #
 # Needs no install: run from the repository root (python puts it on sys.path). Results go under
 # $OUT when set (the device tool's output folder), else bench/results; commit them from there.
@@ -24,7 +24,8 @@ bench-a)
     timeout 560 python -m bench --scenarios S1,S2 --tag a --out "$OUT" 2>&1 | tail -60
     ;;
 bench-b)
-    timeout 560 python -m bench --scenarios S3,S4,S5,step,multirank --tag b --out "$OUT" 2>&1 | tail -60
+    timeout 480 python -m bench --scenarios S3,S4,S5,step,multirank --tag b --out "$OUT" 2>&1 | tail -60
+    timeout 60 python -m bench.hosttime 2>&1 | tee "$OUT/hosttime.md"
     ;;
 *)
     echo "usage: $0 tests|bench-a|bench-b" >&2

@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}; median ms per step of {args.numel}-element gradients")
+    print(f"torch {torch.__version__}, {device}; median ms per step of {args.numel}-element gradients\n")
     for kind in ("distscale", "torch"):  # first calls pay imports and lazy initialization
         _median_ms(10, args.numel, kind, True, device)
     print("| tensors | path | distscale | torch | ratio |\n|---|---|---|---|---|")

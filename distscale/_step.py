@@ -18,7 +18,7 @@ import torch
 from distscale import consistency, diagnostics, underflow
 from distscale._iteration import Batch, Iteration, OptRecord
 from distscale.collectives import Packed, ReduceGroup
-from distscale.overflow import GradSet, KindsCache
+from distscale.overflow import GradCache, GradSet
 from distscale.policy import ScaleState
 
 
@@ -44,7 +44,7 @@ class StepSync:
         self.overflow_diagnostics = overflow_diagnostics
         self.parameter_names: dict[int, str] | None = None  # id(param) -> name, for diagnostics
         self.last_overflow_report: diagnostics.OverflowReport | None = None
-        self.kinds = KindsCache()
+        self.cache = GradCache()  # per optimizer: how to read each parameter's grad
         self.iteration = Iteration()
         self.plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
         self.num_updates_host = 0  # host mirror of num_updates: consistency and monitor schedules
@@ -76,7 +76,7 @@ class StepSync:
                 self.apply_pending_clip(rec)
             return
         rec.invalidate()
-        rec.grads = GradSet(optimizer, rank, self.kinds)
+        rec.grads = GradSet(optimizer, rank, self.cache)
         rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
         if self.monitor_step():
             # Before the check unscales: the monitor looks at the scaled values.

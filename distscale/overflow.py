@@ -20,7 +20,7 @@ import torch
 from distscale import kernels
 from distscale.sharding import LocalGrad, ParamKinds, local_grads, param_kinds
 
-__all__ = ["GradSet", "KindsCache"]
+__all__ = ["GradCache", "GradSet"]
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -68,38 +68,44 @@ class _PerDevice:
         return list(self._copies.values())
 
 
-class KindsCache:
+class GradCache:
     """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.param_kinds`),
     reused while its parameter list holds the same objects: classifying costs attribute lookups
-    per parameter that would otherwise repeat every step."""
+    per parameter that would otherwise repeat every step.
+
+    Gradients themselves are never cached across steps: holding the last step's tensors would keep
+    them alive after ``zero_grad(set_to_none=True)``, a whole extra set of gradients in memory.
+    """
 
     def __init__(self) -> None:
-        self._entries: weakref.WeakKeyDictionary[
+        self._kinds: weakref.WeakKeyDictionary[
             torch.optim.Optimizer, tuple[list[torch.Tensor], int, ParamKinds]
         ]
-        self._entries = weakref.WeakKeyDictionary()
+        self._kinds = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (KindsCache, ())  # a cache: pickles empty (weak references do not pickle)
+        return (GradCache, ())  # a cache: pickles empty (weak references do not pickle)
 
-    def get(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rank: int) -> ParamKinds:
-        entry = self._entries.get(optimizer)
+    def kinds(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rank: int) -> ParamKinds:
+        entry = self._kinds.get(optimizer)
         if entry is not None:
             old, old_rank, kinds = entry
             if old_rank == rank and len(old) == len(params) and all(map(operator.is_, old, params)):
                 return kinds
         kinds = param_kinds(params, rank)
-        self._entries[optimizer] = (params, rank, kinds)
+        self._kinds[optimizer] = (params, rank, kinds)
         return kinds
 
 
 class GradSet:
     """One optimizer's local gradients, as seen at one moment."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int, kinds: KindsCache | None = None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, rank: int, cache: GradCache | None = None) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        known = None if kinds is None else kinds.get(optimizer, params, rank)
+        known = None if cache is None else cache.kinds(optimizer, params, rank)
         self.grads: list[LocalGrad] = local_grads(params, rank, known)
+        self._sources = [g.source for g in self.grads]
+        self._groups: dict[GroupKey, list[LocalGrad]] | None = None
         self._versions = self._snapshot()
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None
@@ -112,16 +118,22 @@ class GradSet:
         """Record our own in-place writes, so they do not count as a change."""
         self._versions = self._snapshot()
 
+    def groups(self) -> dict[GroupKey, list[LocalGrad]]:
+        """The grads by (device, dtype), computed once: a GradSet's tensors never change."""
+        if self._groups is None:
+            self._groups = _group_grads(self.grads)
+        return self._groups
+
+    def _same_objects(self, optimizer: torch.optim.Optimizer) -> bool:
+        current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return len(current) == len(self._sources) and all(map(operator.is_, current, self._sources))
+
     def unchanged_since(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer``'s grads are still exactly the tensors and versions checked.
 
         Reads only ``param.grad`` identities and version counters: no sharding work, no sync.
         """
-        current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        same_objects = len(current) == len(self.grads) and all(
-            grad is g.source for grad, g in zip(current, self.grads, strict=True)
-        )
-        return same_objects and self._snapshot() == self._versions
+        return self._same_objects(optimizer) and self._snapshot() == self._versions
 
     def check_(
         self,
@@ -139,7 +151,7 @@ class GradSet:
         Runs one kernel call per (device, dtype) group; no host sync.
         """
         self._fused_norm = None
-        groups = _group_grads(self.grads)
+        groups = self.groups()
         fuse = (
             check
             and norm_type in kernels.FUSED_NORM_TYPES
@@ -220,6 +232,6 @@ class GradSet:
         like ``torch.nn.utils.clip_grad_norm_`` so results match it bitwise. No host sync."""
         self._fused_norm = None
         with torch.no_grad():
-            for (device, _), tensors in _group(self.tensors()).items():
-                torch._foreach_mul_(tensors, factor.to(device))
+            for (device, _), members in self.groups().items():
+                torch._foreach_mul_([g.tensor for g in members], factor.to(device))
         self.refresh_versions()

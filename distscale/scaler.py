@@ -288,7 +288,7 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float
     ) -> torch.Tensor:
         # Disabled scaler (bf16/fp32 training): a plain shard-aware clip, one collective.
-        grads = GradSet(optimizer, self._reducer.rank, self._sync.kinds)
+        grads = GradSet(optimizer, self._reducer.rank, self._sync.cache)
         tensors = grads.tensors()
         device = tensors[0].device if tensors else torch.device("cpu")  # a rank may hold no grads
         local = grads.local_norm(norm_type, device, self._kernel, None)

@@ -7,6 +7,8 @@ overflow step every rank of the scaler's group (they all see the same flags) sca
 gradients, one host read, and the findings are gathered to the group's rank 0, which logs them on
 the ``"distscale"`` logger and keeps them in ``GradScaler.last_overflow_report``.
 
+The flag read is a host sync, so diagnostics cannot run inside a CUDA-graph capture.
+
 The scan reads the gradients as they are when the flag is reduced: after ``unscale_`` (inf and NaN
 survive a multiplication by a finite positive ``inv_scale``) and before any clip.
 """

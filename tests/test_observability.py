@@ -492,3 +492,25 @@ def test_observability_on_two_ranks() -> None:
         for rank_result in (r0, r1):
             clean = [c for step, c in enumerate(rank_result["collectives"]) if step not in dc.PLANTS_2]
             assert clean == [1] * len(clean), (setup, rank_result["collectives"])
+
+
+@pytest.mark.slow
+def test_observability_on_four_ranks_hsdp_and_tensor_parallel() -> None:
+    """Replicate axes (HSDP) and TP shards: fractions counted once per element, reports per rank."""
+    setups = ["hsdp", "fsdp2_tp"]
+    results = run_ranks(dc.job_observability, 4, setups)
+    for setup in setups:
+        runs = [r[setup] for r in results]
+        for step in range(7):
+            values = [r["metrics"][step] for r in runs]
+            assert all(v == pytest.approx(values[0], rel=0, abs=0, nan_ok=True) for v in values), (setup, step)
+        for step, (plant_rank, value) in dc.PLANTS_2.items():
+            report_step, grads = runs[0]["reports"][step]
+            kind = "nan" if math.isnan(value) else "inf"
+            assert report_step == step and {(g[0], g[2]) for g in grads} == {(plant_rank, kind)}, (setup, grads)
+            assert all(r["reports"][step] is None for r in runs[1:])
+        for step, reference in enumerate(runs[0]["reference"]):
+            if reference is not None:
+                m = runs[0]["metrics"][step]
+                assert m["zero_fraction"] == pytest.approx(reference[0], rel=1e-5), (setup, step)
+                assert m["underflow_fraction"] == pytest.approx(reference[1], rel=1e-5), (setup, step)

@@ -351,9 +351,11 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         """Apply the scaling rule with the step's job-wide ``found_inf`` (or set ``new_scale``).
 
-        All ranks compute the same new state. In-place on the state tensors (CUDA-graph safe).
+        All ranks compute the same new state and metrics (see ``metrics()``), in place on their
+        tensors (CUDA-graph safe; one Triton launch on CUDA). ``update(new_scale)`` only sets the
+        scale: the rule and the metrics do not advance.
         Host syncs: none, except with ``on_min_scale`` "warn"/"raise" on steps whose flags
-        were not already read by ``step`` (one read).
+        were not already read by ``step`` (one read), and with ``overflow_diagnostics`` (see there).
         """
         if not self._enabled:
             return

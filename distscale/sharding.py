@@ -73,6 +73,8 @@ def _flat_param_view(param: torch.Tensor, grad: torch.Tensor, rank: int) -> Loca
 # is, counted toward the norm on rank 0 or, for FSDP1's original params, everywhere) or anything
 # that needs a closer look at every step (DTensor, FlatParameter; sparse grads are found per step).
 _PLAIN_COUNTED, _PLAIN_ELSEWHERE, _SPECIAL = 0, 1, 2
+_STRIDED = torch.strided
+_new_tuple = tuple.__new__
 ParamKinds = list[int]
 
 
@@ -111,9 +113,10 @@ def local_grads(
         grad = param.grad
         if grad is None:
             continue
-        # The common case, in as few Python operations as possible (thousands of grads per step).
-        if kind != _SPECIAL and type(grad) is torch.Tensor and not grad.is_sparse:
-            out.append(LocalGrad(grad, grad, grad if kind == _PLAIN_COUNTED else None))
+        # The common case, in as few Python operations as possible (thousands of grads per step):
+        # tuple.__new__ skips the NamedTuple's Python-level __new__.
+        if kind != _SPECIAL and type(grad) is torch.Tensor and grad.layout is _STRIDED:
+            out.append(_new_tuple(LocalGrad, (grad, grad, grad if kind == _PLAIN_COUNTED else None)))
         else:
             out.append(_special(param, grad, rank))
     return out

@@ -105,6 +105,20 @@ def _not_recorded(ax: Any, what: str) -> None:
     ax.set_yticks([])
 
 
+def _line_panel(
+    ax: Any, records: list[dict[str, Any]], key: str, color: str, log_when_positive: bool
+) -> None:
+    label = key.replace("_", " ")
+    steps, values = _series(records, key)
+    if steps:
+        ax.plot(steps, values, color=color, lw=1)
+        if log_when_positive and min(values) > 0:
+            ax.set_yscale("log")
+    else:
+        _not_recorded(ax, label)
+    ax.set_ylabel(label)
+
+
 def plot_metrics(
     records: Sequence[Mapping[str, Any]],
     out_path: str | os.PathLike[str],
@@ -165,25 +179,9 @@ def plot_metrics(
         _not_recorded(ax, "scale")
     ax.set_ylabel("log2(scale)")
 
-    # 2. loss.
-    ax = axes[1]
-    steps, losses = _series(records, "loss")
-    if steps:
-        ax.plot(steps, losses, color="#2ca02c", lw=1)
-    else:
-        _not_recorded(ax, "loss")
-    ax.set_ylabel("loss")
-
-    # 3. grad norm: NaN/None when not clipping, so often absent.
-    ax = axes[2]
-    steps, norms = _series(records, "grad_norm")
-    if steps:
-        ax.plot(steps, norms, color="#9467bd", lw=1)
-        if min(norms) > 0:
-            ax.set_yscale("log")
-    else:
-        _not_recorded(ax, "grad norm")
-    ax.set_ylabel("grad norm")
+    # 2. loss; 3. grad norm (NaN/None when not clipping, so often absent; log y when positive).
+    _line_panel(axes[1], records, "loss", "#2ca02c", log_when_positive=False)
+    _line_panel(axes[2], records, "grad_norm", "#9467bd", log_when_positive=True)
 
     # 4. overflow rate per window.
     ax = axes[3]

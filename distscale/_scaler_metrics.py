@@ -29,9 +29,8 @@ class MetricsMixin(ScalerAttrs):
             grad_norm = values[0] if len(norms) == 1 else torch.linalg.vector_norm(values, p)
         counts = [rec.underflow_reduced for rec in records if rec.underflow_reduced is not None]
         under = underflow.fractions(torch.stack(counts).sum(0)) if counts else None
-        batches = [rec.batch.host for rec in records if rec.batch is not None]
-        skipped = None
-        if len(batches) == len(records) and all(b is not None for b in batches):
+        skipped = None  # known on the host only if step() already read every record's flags
+        if all(rec.batch is not None and rec.batch.host is not None for rec in records):
             skipped = any(rec.batch.host[rec.batch_index] for rec in records)
         extra = {
             "overflows": (flags > 0).sum(),

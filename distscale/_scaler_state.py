@@ -5,12 +5,10 @@ A mixin of :class:`distscale.GradScaler`; the format itself is :mod:`distscale.c
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from distscale import checkpoint, policy, stats
 from distscale._scaler_base import ScalerAttrs
-from distscale._step import StepSync
 from distscale.collectives import ReduceGroup
 from distscale.errors import ScalerUsageError
 
@@ -26,12 +24,9 @@ class StateMixin(ScalerAttrs):
             return {}
         plain = stats.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
         state = {name: plain[name] for name in policy.ScaleState._fields}
-        # NaN ("not measured") is stored as None, so equal states compare equal.
-        measured = {
-            name: None if isinstance(plain[name], float) and math.isnan(plain[name]) else plain[name]
-            for name in stats.ScalerStats._fields
-        }
-        return checkpoint.build(self._config, state, measured)
+        return checkpoint.build(
+            self._config, state, {name: plain[name] for name in stats.ScalerStats._fields}
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from ``state_dict()`` (this format or torch.amp.GradScaler's).
@@ -63,15 +58,7 @@ class StateMixin(ScalerAttrs):
         state["_initialized"] = False
         # Process groups do not pickle: an unpickled scaler reduces over the default group.
         state["_reducer"] = ReduceGroup(None)
-        sync = self._sync
-        state["_sync"] = StepSync(
-            state["_reducer"],
-            self._kernel,
-            sync.check_every,
-            underflow_every=sync.underflow_every,
-            overflow_diagnostics=sync.overflow_diagnostics,
-        )
-        state["_sync"].parameter_names = sync.parameter_names
+        state["_sync"] = self._sync.fresh(state["_reducer"])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -49,6 +49,18 @@ class StepSync:
         self.plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
         self.num_updates_host = 0  # host mirror of num_updates: consistency and monitor schedules
 
+    def fresh(self, reducer: ReduceGroup) -> StepSync:
+        """A new StepSync with these settings and no step in progress (for pickling)."""
+        sync = StepSync(
+            reducer,
+            self.kernel,
+            self.check_every,
+            underflow_every=self.underflow_every,
+            overflow_diagnostics=self.overflow_diagnostics,
+        )
+        sync.parameter_names = self.parameter_names
+        return sync
+
     def monitor_step(self) -> bool:
         return self.underflow_every > 0 and self.num_updates_host % self.underflow_every == 0
 

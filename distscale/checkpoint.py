@@ -71,7 +71,8 @@ def build(
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "state": dict(state),
-        "stats": dict(stats),
+        # NaN ("not measured") is stored as None, so equal states compare equal.
+        "stats": {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()},
         "scale": float(state["scale"]),
         "growth_factor": config.growth_factor,
         "backoff_factor": config.backoff_factor,

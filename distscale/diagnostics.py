@@ -87,9 +87,14 @@ def scan(grads: Iterable[LocalGrad], names: Mapping[int, str], rank: int) -> lis
     grads = list(grads)
     if not grads:
         return []
+    device = grads[0].tensor.device
     with torch.no_grad():
+        # Counted on each tensor's device, gathered on one (no host copy per tensor), read once.
         counts = torch.stack(
-            [torch.stack([torch.isinf(g.tensor).sum(), torch.isnan(g.tensor).sum()]).cpu() for g in grads]
+            [
+                torch.stack([torch.isinf(g.tensor).sum(), torch.isnan(g.tensor).sum()]).to(device)
+                for g in grads
+            ]
         ).tolist()  # host sync
     return [
         NonFiniteGrad(

@@ -385,37 +385,33 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
     ) -> None:
         # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed
         # adapter), then the stats. In place keeps CUDA-graph captures and user references valid.
-        device = self._state.scale.device
-        if kernels.backend(self._kernel, device, torch.float32) == "triton":
+        if kernels.backend(self._kernel, self._state.scale.device, torch.float32) == "triton":
             # One launch instead of ~40 tiny kernels; bitwise the torch rule below.
             from distscale.kernels import update_triton
 
-            on_device = [None if t is None else t.to(device) for t in (overflows, grad_norm)]
             update_triton.update_(
                 self._state,
                 self._stats,
-                found_inf.to(device),
+                found_inf,
                 self._config,
-                overflows=on_device[0],
-                grad_norm=on_device[1],
-                underflow=None if underflow is None else (underflow[0].to(device), underflow[1].to(device)),
+                overflows=overflows,
+                grad_norm=grad_norm,
+                underflow=underflow,
             )
-            self._skipped_host = skipped_host
-            self._sync.num_updates_host += 1
-            return
-        new = policy.update(self._state, found_inf, self._config)
-        new_stats = stats.update_stats(
-            self._stats,
-            found_inf,
-            new.scale,
-            self._config,
-            overflows=overflows,
-            grad_norm=grad_norm,
-            underflow=underflow,
-        )
-        # One foreach copy writes every value back in place (CUDA-graph captures and user
-        # references to the state tensors stay valid).
-        torch._foreach_copy_([*self._state, *self._stats], [*new, *new_stats])
+        else:
+            new = policy.update(self._state, found_inf, self._config)
+            new_stats = stats.update_stats(
+                self._stats,
+                found_inf,
+                new.scale,
+                self._config,
+                overflows=overflows,
+                grad_norm=grad_norm,
+                underflow=underflow,
+            )
+            # One foreach copy writes every value back in place (CUDA-graph captures and user
+            # references to the state tensors stay valid).
+            torch._foreach_copy_([*self._state, *self._stats], [*new, *new_stats])
         self._skipped_host = skipped_host
         self._sync.num_updates_host += 1
 

@@ -157,13 +157,16 @@ def update_(
 ) -> None:
     """``policy.update`` then ``stats.update_stats``, in place, in one launch. No host sync.
 
-    Every tensor must be on the state's device (the caller moves them: no-ops in the scaler).
+    Inputs on another device are moved to the state's (no-ops in the scaler: they are already there).
     """
     device = state.scale.device
-    found = found_inf.reshape(()).float()
-    norm = grad_norm.reshape(()).float() if grad_norm is not None else found
-    zero, under = (u.reshape(()) for u in underflow) if underflow is not None else (found, found)
-    step_ovf = overflows.reshape(()).to(torch.int64) if overflows is not None else state.num_skipped
+    found = found_inf.to(device).reshape(()).float()
+    norm = grad_norm.to(device).reshape(()).float() if grad_norm is not None else found
+    zero, under = (u.to(device).reshape(()) for u in underflow) if underflow is not None else (found, found)
+    # Unread without HAS_STEP_OVF: any int64 pointer will do.
+    step_ovf = (
+        overflows.to(device).reshape(()).to(torch.int64) if overflows is not None else state.num_skipped
+    )
     _update_kernel[(1,)](
         *state,
         *stats,

@@ -5,7 +5,7 @@
 
 from distscale.config import ScalerConfig
 from distscale.diagnostics import NonFiniteGrad, OverflowReport
-from distscale.errors import InconsistentStateError, MinScaleError, ScalerUsageError
+from distscale.errors import InconsistentStateError, MinScaleError, ReplicationError, ScalerUsageError
 from distscale.policy import ScaleState
 from distscale.scaler import GradScaler, OptState
 from distscale.sinks import JsonlSink, LoggingSink, MetricsLogger, MetricsSink, TensorBoardSink
@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteGrad",
     "OptState",
     "OverflowReport",
+    "ReplicationError",
     "ScaleState",
     "ScalerConfig",
     "ScalerStats",

@@ -100,7 +100,18 @@ class MetricsMixin(ScalerAttrs):
         return self._sync.last_overflow_report
 
     def set_parameter_names(self, named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Name parameters in overflow reports: a module (its ``named_parameters()``) or
+        """Name parameters in overflow reports and errors: a module (its ``named_parameters()``) or
         ``(name, param)`` pairs. Without it, reports name optimizer positions. Local only."""
         pairs = named.named_parameters() if isinstance(named, torch.nn.Module) else named
         self._sync.parameter_names = {id(p): name for name, p in pairs}
+
+    def register_model(self, model: torch.nn.Module) -> None:
+        """Learn ``model``'s parameter names (``set_parameter_names``) and what its DDP and FSDP1
+        wrappers tell about which ranks hold copies of which parameters (their process groups,
+        which their tensors do not carry), for ``clip_grad_norm_`` (see :mod:`distscale.layout`).
+
+        Call it on every rank after wrapping, before the first step. Local only: no collective,
+        no host sync. Raises ValueError if a wrapper spans ranks outside the scaler's group.
+        """
+        self.set_parameter_names(model)
+        self._sync.cache.layout.register_model(model, self._sync.cache.group.global_ranks)

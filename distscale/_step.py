@@ -18,6 +18,8 @@ import torch
 from distscale import consistency, diagnostics, underflow
 from distscale._iteration import Batch, Iteration, OptRecord
 from distscale.collectives import Packed, ReduceGroup
+from distscale.errors import ReplicationError
+from distscale.layout import Layout, refusal
 from distscale.overflow import GradCache, GradSet
 from distscale.policy import ScaleState
 
@@ -34,6 +36,7 @@ class StepSync:
         kernel: str,
         check_every: int,
         *,
+        layout: Layout | None = None,
         underflow_every: int = 0,
         overflow_diagnostics: bool = False,
     ) -> None:
@@ -44,13 +47,15 @@ class StepSync:
         self.overflow_diagnostics = overflow_diagnostics
         self.parameter_names: dict[int, str] | None = None  # id(param) -> name, for diagnostics
         self.last_overflow_report: diagnostics.OverflowReport | None = None
-        self.cache = GradCache()  # per optimizer: how to read each parameter's grad
+        # Per optimizer: how to read each parameter's grad, and which rank counts it.
+        self.cache = GradCache(layout, reducer)
         self.iteration = Iteration()
         self.plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
         self.num_updates_host = 0  # host mirror of num_updates: consistency and monitor schedules
 
     def fresh(self, reducer: ReduceGroup) -> StepSync:
-        """A new StepSync with these settings and no step in progress (for pickling)."""
+        """A new StepSync with these settings and no step in progress (for pickling). Its layout
+        is empty: a process group and a mesh belong to the process that made them."""
         sync = StepSync(
             reducer,
             self.kernel,
@@ -76,7 +81,6 @@ class StepSync:
 
         ``norm_type``: the clip norm about to be asked for, so a fused kernel can take it in the
         same pass (see ``GradSet.check_``)."""
-        rank = self.reducer.rank
         if rec.checked and rec.unscaled:
             # Unscaled grads are the user's to modify (clipping, say): never check them again.
             return
@@ -88,7 +92,7 @@ class StepSync:
                 self.apply_pending_clip(rec)
             return
         rec.invalidate()
-        rec.grads = GradSet(optimizer, rank, self.cache)
+        rec.grads = GradSet(optimizer, self.cache)
         rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
         if self.monitor_step():
             # Before the check unscales: the monitor looks at the scaled values.
@@ -139,6 +143,10 @@ class StepSync:
         counted = [r for r in pending if r.underflow is not None]
         for rec in counted:  # three counts each, summed like the norm powers
             sums.extend(rec.underflow)  # type: ignore[arg-type]
+        # Records whose result depends on which rank counts what (norms, underflow fractions)
+        # carry a flag "this rank holds parameters nobody can count": see ``verify_layout``.
+        owned = [r.grads for r in pending if r.norm_type is not None or r.underflow is not None]
+        layout_flags = [g.unresolved_flag(state.scale.device) for g in owned] if world > 1 else []  # type: ignore[union-attr]
         check = (
             world > 1
             and self.check_every > 0
@@ -146,7 +154,7 @@ class StepSync:
             and self.num_updates_host % self.check_every == 0
         )
         packed = Packed(
-            flags=[r.local_found_inf for r in pending],  # type: ignore[misc]
+            flags=[*(r.local_found_inf for r in pending), *layout_flags],  # type: ignore[misc]
             sums=sums,
             maxes=maxes,
             slots=consistency.fingerprint(state) if check else None,
@@ -154,7 +162,9 @@ class StepSync:
         # float64 keeps the fingerprints exact (element counts travel as float32: fractions to 1e-7).
         out = self.reducer.reduce(packed, torch.float64 if check else torch.float32)
         it.num_collectives += 1
-        batch = Batch(torch.stack(out.flags))
+        batch = Batch(torch.stack(out.flags))  # each record's flag, then the layout flags
+        self.verify_layout(owned, batch if world > 1 else None, len(pending))  # type: ignore[arg-type]
+        out.flags = out.flags[: len(pending)]
         n_counts = 3 * len(counted)
         if n_counts:
             counts = torch.stack(out.sums[len(out.sums) - n_counts :]).reshape(len(counted), 3)
@@ -177,9 +187,36 @@ class StepSync:
         if self.overflow_diagnostics:
             self._diagnose(pending, batch)
 
+    def verify_layout(self, grad_sets: list[GradSet], flags: Batch | None, start: int = 0) -> None:
+        """Raise ReplicationError on every rank if any rank holds parameters whose counting rule
+        is unknown (see :mod:`distscale.layout`). ``flags``: the job-wide flags of ``grad_sets``
+        from index ``start`` of the step's reduced flags (None on one process).
+
+        Reads the flags on the host only until a collective has shown them clear for the current
+        parameter lists (the first norm after a parameter list changes): one ``tolist()``, the one
+        ``step`` then reuses for optimizers that are not fused.
+        """
+        if all(g.classification.verified for g in grad_sets):
+            return
+        if flags is None:
+            unresolved = any(g.classification.unresolved for g in grad_sets)
+        else:
+            unresolved = any(flags.read()[start:])  # host sync, first norm only
+        if unresolved:  # job-wide: every rank takes this branch and joins the gather
+            mine = [self._describe(g, *entry) for g in grad_sets for entry in g.classification.unresolved]
+            found = self.reducer.all_gather_object(mine)
+            raise ReplicationError(refusal(found, self.reducer.world_size))  # type: ignore[arg-type]
+        for g in grad_sets:
+            g.classification.verified = True
+
+    def _describe(self, grads: GradSet, group: int, index: int, why: str) -> tuple[str, tuple[int, ...], str]:
+        param = grads.param_groups[group]["params"][index]
+        name = (self.parameter_names or {}).get(id(param)) or f"param_groups[{group}]['params'][{index}]"
+        return name, tuple(param.shape), why
+
     def _diagnose(self, pending: list[OptRecord], batch: Batch) -> None:
         # The flags are job-wide, so every rank takes the same branch and joins the gather.
-        flags = batch.read()  # host sync (the one step() makes anyway for non-fused optimizers)
+        flags = batch.read()[: len(pending)]  # host sync (the one step() makes anyway if not fused)
         if not any(flags):
             return
         found: list[diagnostics.NonFiniteGrad] = []

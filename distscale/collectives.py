@@ -58,6 +58,26 @@ class ReduceGroup:
         group = self.group
         return 0 if group is None else dist.get_rank(group)
 
+    @property
+    def global_ranks(self) -> tuple[int, ...]:
+        """The group's ranks in the default group (``(0,)`` on one process)."""
+        group = self.group
+        return (0,) if group is None else tuple(dist.get_process_group_ranks(group))
+
+    @property
+    def global_rank(self) -> int:
+        return 0 if self.group is None else dist.get_rank()
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's ``obj``, in group rank order (pickled; for error paths, not per step).
+        Every rank of the group must call it."""
+        group = self.group
+        if group is None or self.world_size == 1:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
     def reduce(self, packed: Packed, dtype: torch.dtype = torch.float32) -> Packed:
         """Reduce ``packed`` across the group with exactly one collective (none on one process).
 

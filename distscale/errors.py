@@ -20,3 +20,11 @@ class MinScaleError(RuntimeError):
 
 class InconsistentStateError(RuntimeError):
     """The consistency check found ranks whose scale state differs from the others'."""
+
+
+class ReplicationError(ValueError):
+    """The norm needs to know which ranks hold copies of a parameter, and nobody said.
+
+    Raised on every rank of the scaler's group at the same call (the first norm after the
+    parameter list changed), naming each rank's parameters; see :mod:`distscale.layout`.
+    """

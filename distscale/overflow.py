@@ -14,13 +14,15 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import defaultdict
+from typing import Any, Protocol
 
 import torch
 
 from distscale import kernels
-from distscale.sharding import LocalGrad, ParamKinds, local_grads, param_kinds
+from distscale.layout import REPLICATE_DIMS_KEY, Layout
+from distscale.sharding import Classification, LocalGrad, classify, local_grads
 
-__all__ = ["GradCache", "GradSet"]
+__all__ = ["GradCache", "GradSet", "GroupRanks"]
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -68,47 +70,70 @@ class _PerDevice:
         return list(self._copies.values())
 
 
+class GroupRanks(Protocol):
+    """Where the scaler's group is (a :class:`~distscale.collectives.ReduceGroup`)."""
+
+    @property
+    def global_ranks(self) -> tuple[int, ...]: ...
+    @property
+    def global_rank(self) -> int: ...
+
+
+class _SingleProcess:
+    global_ranks = (0,)
+    global_rank = 0
+
+
 class GradCache:
-    """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.param_kinds`),
-    reused while its parameter list holds the same objects: classifying costs attribute lookups
-    per parameter that would otherwise repeat every step.
+    """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.classify`),
+    reused while its parameter list holds the same objects and the layout has not changed:
+    classifying costs attribute lookups per parameter that would otherwise repeat every step.
 
     Gradients themselves are never cached across steps: holding the last step's tensors would keep
     them alive after ``zero_grad(set_to_none=True)``, a whole extra set of gradients in memory.
     """
 
-    def __init__(self) -> None:
-        self._kinds: weakref.WeakKeyDictionary[
-            torch.optim.Optimizer, tuple[list[torch.Tensor], int, ParamKinds]
+    def __init__(self, layout: Layout | None = None, group: GroupRanks | None = None) -> None:
+        self.layout = Layout() if layout is None else layout
+        self.group: GroupRanks = _SingleProcess() if group is None else group
+        self._entries: weakref.WeakKeyDictionary[
+            torch.optim.Optimizer, tuple[list[torch.Tensor], tuple[Any, ...], Classification]
         ]
-        self._kinds = weakref.WeakKeyDictionary()
+        self._entries = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return (GradCache, ())  # a cache: pickles empty (weak references do not pickle)
 
-    def kinds(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rank: int) -> ParamKinds:
-        entry = self._kinds.get(optimizer)
+    def classification(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> Classification:
+        key = (self.layout.version, *(g.get(REPLICATE_DIMS_KEY) for g in optimizer.param_groups))
+        entry = self._entries.get(optimizer)
         if entry is not None:
-            old, old_rank, kinds = entry
-            if old_rank == rank and len(old) == len(params) and all(map(operator.is_, old, params)):
-                return kinds
-        kinds = param_kinds(params, rank)
-        self._kinds[optimizer] = (params, rank, kinds)
-        return kinds
+            old, old_key, found = entry
+            if old_key == key and len(old) == len(params) and all(map(operator.is_, old, params)):
+                return found
+        group = frozenset(self.group.global_ranks)
+        found = classify(optimizer.param_groups, self.layout, group, self.group.global_rank)
+        self._entries[optimizer] = (params, key, found)
+        return found
 
 
 class GradSet:
     """One optimizer's local gradients, as seen at one moment."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int, cache: GradCache | None = None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, cache: GradCache | None = None) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        known = None if cache is None else cache.kinds(optimizer, params, rank)
-        self.grads: list[LocalGrad] = local_grads(params, rank, known)
+        self.classification = (GradCache() if cache is None else cache).classification(optimizer, params)
+        self.param_groups = optimizer.param_groups  # to name unresolved parameters
+        self.grads: list[LocalGrad] = local_grads(params, self.classification.kinds)
         self._sources = [g.source for g in self.grads]
         self._groups: dict[GroupKey, list[LocalGrad]] | None = None
         self._versions = self._snapshot()
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None
+
+    def unresolved_flag(self, device: torch.device) -> torch.Tensor:
+        """1.0 if this rank holds parameters whose counting rule is unknown, else 0.0 (0-dim)."""
+        return torch.full((), float(bool(self.classification.unresolved)), device=device)
 
     def _snapshot(self) -> list[int]:
         # A local view shares its base's version counter, so the stored tensors see later writes.

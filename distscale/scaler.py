@@ -23,15 +23,15 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.distributed as dist
 
-from distscale import kernels, policy, stats
-from distscale._iteration import OptState
+from distscale import kernels, pipelining, policy, stats
+from distscale._iteration import Batch, OptState
 from distscale._scaler_metrics import MetricsMixin
 from distscale._scaler_presets import PresetsMixin
 from distscale._scaler_state import StateMixin
@@ -40,7 +40,11 @@ from distscale.collectives import Packed, ReduceGroup
 from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
+from distscale.layout import Layout
 from distscale.overflow import GradSet
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["GradScaler", "OptState"]
 
@@ -73,6 +77,12 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         process_group: the ranks that share one skip decision; default: the world group once
             torch.distributed is initialized. Every rank of it must call the scaler's methods in
             the same order (they do in SPMD training).
+        mesh, replicate_dims: the job's DeviceMesh (exactly the ranks of ``process_group``, with
+            named dims) and the dims over which parameters are copies, e.g. ``("dp",)``; every
+            other dim holds different parts of the model (pipeline stages, tensor or expert
+            shards). Needed by ``clip_grad_norm_`` where tensors and wrappers do not tell which
+            ranks hold copies (plain tensors, DTensors on sub-meshes); an optimizer param group's
+            ``"replicate_dims"`` entry overrides it for that group. See :mod:`distscale.layout`.
         check_consistency: every N updates (0: never), the step's collective also carries each
             rank's scale state and ranks that differ raise ``InconsistentStateError`` (on every
             rank, naming them). Costs one host read on those steps.
@@ -108,6 +118,8 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         growth_delay: int = 0,
         tolerance: float = 0.0,
         process_group: dist.ProcessGroup | None = None,
+        mesh: DeviceMesh | None = None,
+        replicate_dims: Sequence[str] | None = None,
         check_consistency: int = 0,
         kernel: str = "auto",
         overflow_diagnostics: bool = False,
@@ -161,6 +173,7 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
             self._reducer,
             kernel,
             check_consistency,
+            layout=Layout(mesh, replicate_dims, process_group),
             underflow_every=underflow_every,
             overflow_diagnostics=overflow_diagnostics,
         )
@@ -207,6 +220,24 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
             )
 
         return apply(outputs)
+
+    def scale_loss_fn(
+        self, loss_fn: Callable[..., torch.Tensor], device: torch.device | str | None = None
+    ) -> Callable[..., torch.Tensor]:
+        """Wrap ``loss_fn`` for a ``torch.distributed.pipelining`` schedule, which runs backward itself.
+
+        The wrapped function returns the loss *unscaled* (the schedule's ``losses`` are what you
+        log) and starts its backward from the scale, so every stage's gradients are exactly those
+        of ``scaler.scale(loss).backward()`` (see :mod:`distscale.pipelining`). Build it on every
+        rank: it also places the scale on ``device`` (default: the scaler's device type, current
+        index), so stages that never compute a loss can unscale and step. No host sync.
+        """
+        if self._enabled:
+            if device is None:
+                index = torch.cuda.current_device() if self._device == "cuda" else None
+                device = torch.device(self._device, index)
+            self._lazy_init(torch.device(device))
+        return pipelining.ScaledLossFn(loss_fn, self._state.scale if self._enabled else None)
 
     def _lazy_init(self, device: torch.device) -> None:
         if not self._initialized:
@@ -288,16 +319,22 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float
     ) -> torch.Tensor:
         # Disabled scaler (bf16/fp32 training): a plain shard-aware clip, one collective.
-        grads = GradSet(optimizer, self._reducer.rank, self._sync.cache)
+        grads = GradSet(optimizer, self._sync.cache)
         tensors = grads.tensors()
         device = tensors[0].device if tensors else torch.device("cpu")  # a rank may hold no grads
         local = grads.local_norm(norm_type, device, self._kernel, None)
         if self._reducer.world_size == 1:
+            self._sync.verify_layout([grads], None)
             total = local
-        elif math.isinf(norm_type):
-            total = self._reducer.reduce(Packed([], [], [local])).maxes[0]
         else:
-            total = self._reducer.reduce(Packed([], [local**norm_type], [])).sums[0] ** (1.0 / norm_type)
+            flags = [grads.unresolved_flag(device)]
+            if math.isinf(norm_type):
+                out = self._reducer.reduce(Packed(flags, [], [local]))
+                total = out.maxes[0]
+            else:
+                out = self._reducer.reduce(Packed(flags, [local**norm_type], []))
+                total = out.sums[0] ** (1.0 / norm_type)
+            self._sync.verify_layout([grads], Batch(torch.stack(out.flags)))
         grads.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 

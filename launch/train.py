@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, dp_rank, dp_size = build_model(args, world, device)
     opt = make_optimizer(args, model)
     scaler = make_scaler(args, device.type)
-    scaler.set_parameter_names(model)
+    scaler.register_model(model)
     language = MarkovLanguage(GPTConfig().vocab)
 
     start = 0

@@ -184,6 +184,8 @@ def train(
     model, dp_index, _ = build(setup, rank, world)
     opt = make_optimizer(optimizer, model)
     scaler = make_scaler(scaler_kind, **(scaler_kwargs or {}))
+    if scaler_kind == "distscale":
+        scaler.register_model(model)  # DDP's and FSDP1's process groups, for the clip norm
     out: dict[str, Any] = {"scales": [], "stepped": [], "collectives": [], "host_reads": [], "error": None}
     try:
         for step in range(steps):
@@ -262,6 +264,7 @@ def job_norms(rank: int, world: int, setups: list[str]) -> dict:
                 model, dp_index, dp_size = build(setup, rank, world)
                 opt = make_optimizer(optimizer, model)
                 scaler = make_scaler("distscale", init_scale=2.0**8)
+                scaler.register_model(model)
                 x, y = batch(dp_index, 0)
                 scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
                 got = scaler.clip_grad_norm_(opt, 1e9, norm_type=norm_type).item()
@@ -604,7 +607,7 @@ def job_observability(rank: int, world: int, setups: list[str], steps: int = 7) 
         scaler = distscale.GradScaler(
             "cpu", init_scale=2.0**10, growth_interval=3, overflow_diagnostics=True, underflow_every=2
         )
-        scaler.set_parameter_names(model)
+        scaler.register_model(model)
         rec: dict[str, list] = {"metrics": [], "reports": [], "collectives": [], "reference": [], "norms": []}
         for step in range(steps):
             forward_backward(model, scaler, opt, rank, dp_index, step, {})

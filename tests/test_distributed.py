@@ -40,11 +40,14 @@ def _check_matrix(results: list[dict], world: int) -> None:
         for step in plants:
             assert scales[step + 1] == scales[step] / 2, f"{label}: no backoff at step {step}: {scales}"
         fused = dict(variant)["optimizer"] != "sgd"
+        # The first norm reads its layout flags once (every rank raises together if some rank
+        # cannot count its parameters); a non-fused step() reuses that read.
+        reads = [0 if fused else 1] * len(stepped)
+        if fused and dict(variant).get("clip"):
+            reads[0] = 1
         for r in runs:
             assert r["collectives"] == [1] * len(stepped), f"{label}: collectives per step {r['collectives']}"
-            assert r["host_reads"] == [0 if fused else 1] * len(stepped), (
-                f"{label}: host reads {r['host_reads']}"
-            )
+            assert r["host_reads"] == reads, f"{label}: host reads {r['host_reads']}"
 
 
 def test_two_ranks_ddp_fsdp1_fsdp2() -> None:

@@ -325,6 +325,7 @@ def _gradset_optimizer() -> torch.optim.Optimizer:
     flat = nn.Parameter(torch.zeros(1000))  # an FSDP1 FlatParameter shard with 10 padding elements
     flat._unpadded_unsharded_size = torch.Size([3990])  # type: ignore[attr-defined]
     flat._sharded_size = torch.Size([1000])  # type: ignore[attr-defined]
+    flat._padded_unsharded_size = torch.Size([4000])  # type: ignore[attr-defined]  # over 4 ranks
     flat._shard_numel_padded = 10  # type: ignore[attr-defined]
     params.append(flat)
     for p in params:
@@ -334,15 +335,20 @@ def _gradset_optimizer() -> torch.optim.Optimizer:
 
 
 def _gradset_fused_norm() -> str | None:
-    from distscale.overflow import GradSet
+    from types import SimpleNamespace
 
-    for rank in (0, 1):  # rank 1 counts only the flat shard (plain params are replicas there)
+    from distscale.overflow import GradCache, GradSet
+
+    # On one process every element counts; as rank 1 of 4 (no layout declared), only the flat
+    # shard does: its sizes prove FSDP1 shards it over the 4 ranks, the plain tensors are unknown.
+    for rank in (0, 1):
+        group = None if rank == 0 else SimpleNamespace(global_ranks=(0, 1, 2, 3), global_rank=1)
         for unscale in (False, True):
             for norm_type in (2.0, INF):
                 results = []
                 for kernel in ("triton", "torch"):
                     opt = _gradset_optimizer()
-                    grads = GradSet(opt, rank)
+                    grads = GradSet(opt, GradCache(group=group))
                     found = torch.zeros(())
                     inv = torch.tensor(0.25) if unscale else None
                     grads.check_(found, inv, kernel, norm_type=norm_type)

@@ -655,7 +655,7 @@ def test_grad_change_detection_sees_writes_new_tensors_and_none():
 
     model, opt = make()
     loss_of(model, 0).backward()
-    grads = GradSet(opt, rank=0)
+    grads = GradSet(opt)
     assert grads.unchanged_since(opt)
     grads.check_(torch.zeros(()), torch.tensor(0.5), "torch")  # our own write is recorded
     assert grads.unchanged_since(opt)
@@ -665,7 +665,7 @@ def test_grad_change_detection_sees_writes_new_tensors_and_none():
     grads.refresh_versions()
     first.grad = first.grad.clone()  # a new tensor object
     assert not grads.unchanged_since(opt)
-    grads = GradSet(opt, rank=0)
+    grads = GradSet(opt)
     first.grad = None  # zero_grad(set_to_none=True) on part of the model
     assert not grads.unchanged_since(opt)
 

@@ -48,6 +48,7 @@ def main() -> None:
         fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     scaler = GradScaler("cpu", init_scale=2.0**12, growth_interval=4)
+    scaler.register_model(model)  # DDP's process group, for the clip norm (FSDP2's DTensors tell theirs)
     gen = torch.Generator().manual_seed(rank)
     w_true = torch.randn(32, 1, generator=torch.Generator().manual_seed(42))
     for step in range(args.steps):

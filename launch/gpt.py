@@ -62,6 +62,36 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
+class GPTStage(nn.Module):
+    """Pipeline stage ``stage`` of ``num_stages`` of the GPT: its share of the blocks, plus the
+    embeddings on the first stage and the final norm and head on the last. Parameters keep the full
+    model's names (``blocks.1.qkv.weight``), so stages' checkpoints never collide and a pipeline
+    checkpoint has the same keys as the whole model's."""
+
+    def __init__(self, cfg: GPTConfig, stage: int, num_stages: int) -> None:
+        super().__init__()
+        if not 0 < num_stages <= cfg.layers:
+            raise ValueError(
+                f"num_stages must be in [1, {cfg.layers}] (one block per stage at least), got {num_stages}."
+            )
+        full = GPT(cfg)  # built whole from the same seed on every rank, then cut
+        per = cfg.layers // num_stages
+        mine = range(stage * per, cfg.layers if stage == num_stages - 1 else (stage + 1) * per)
+        self.first, self.last = stage == 0, stage == num_stages - 1
+        if self.first:
+            self.tok, self.pos = full.tok, full.pos
+        self.blocks = nn.ModuleDict({str(i): full.blocks[i] for i in mine})
+        if self.last:
+            self.ln, self.head = full.ln, full.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        for block in self.blocks.values():
+            x = block(x)
+        return self.head(self.ln(x)) if self.last else x
+
+
 class MarkovLanguage:
     """Token sequences from a fixed sparse transition table (the "grammar")."""
 

@@ -6,6 +6,8 @@
     srun python launch/train.py                                        # inside a Slurm allocation
     sbatch slurm/train.sbatch                                          # multi-node template
     torchrun --standalone --nproc_per_node=2 launch/train.py --policy deepspeed   # another rule
+    torchrun --standalone --nproc_per_node=2 launch/train.py --parallel pp        # 2 pipeline stages
+    torchrun --standalone --nproc_per_node=4 launch/train.py --parallel pp_fsdp   # 2 stages x FSDP2(2)
 
 CPU + gloo is the embedded default; CUDA + NCCL when GPUs are present. The data is a synthetic
 Markov language generated from (seed, step), so runs are reproducible on any number of ranks.
@@ -30,11 +32,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch/ siblings, when run as a script
 
 import ckpt
-from gpt import GPT, Block, GPTConfig, MarkovLanguage
+from gpt import GPT, Block, GPTConfig, GPTStage, MarkovLanguage
 
 from distscale import GradScaler
 from distscale.env import init_distributed
@@ -48,8 +51,15 @@ POLICIES = ("torch", "deepspeed", "megatron", "fairseq")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--parallel", choices=["fsdp", "fsdp1", "ddp", "hsdp"], default="fsdp", help="fsdp = FSDP2"
+        "--parallel",
+        choices=["fsdp", "fsdp1", "ddp", "hsdp", "pp", "pp_fsdp"],
+        default="fsdp",
+        help="fsdp = FSDP2; pp = pipeline stages (torch.distributed.pipelining), DDP over the ranks "
+        "that hold the same stage; pp_fsdp = pipeline stages, each sharded by FSDP2",
     )
+    p.add_argument("--pp-size", type=int, default=2, help="pipeline stages (--parallel pp, pp_fsdp)")
+    p.add_argument("--pp-schedule", choices=["gpipe", "1f1b"], default="1f1b")
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches per step (pipeline)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -99,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps and --batch must be >= 1, --ckpt-every and --underflow-every >= 0")
     if args.ckpt_every and args.ckpt_dir is None:
         p.error("--ckpt-every needs --ckpt-dir")
+    if args.pp_size < 1 or args.microbatches < 1:
+        p.error("--pp-size and --microbatches must be >= 1")
     return args
 
 
@@ -132,9 +144,60 @@ def build_model(args: argparse.Namespace, world: int, device: torch.device) -> t
     return model, rank, world
 
 
-def make_scaler(args: argparse.Namespace, device_type: str) -> GradScaler:
-    """The scaler for ``args.policy``; enabled for fp16 only (bf16 and fp32 need no scaling)."""
+def pipeline_mesh(args: argparse.Namespace, world: int, device: torch.device) -> Any:
+    """The (pp, dp) mesh of a pipeline job: ``--pp-size`` stages, data parallel over the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world % args.pp_size:
+        raise SystemExit(
+            f"--parallel {args.parallel}: world size {world} is not a multiple of --pp-size {args.pp_size}"
+        )
+    if args.pp_size > GPTConfig().layers or args.pp_size < 2:
+        raise SystemExit(
+            f"--pp-size must be in [2, {GPTConfig().layers}] (one block per stage), got {args.pp_size}"
+        )
+    return init_device_mesh(device.type, (args.pp_size, world // args.pp_size), mesh_dim_names=("pp", "dp"))
+
+
+def build_pipeline(
+    args: argparse.Namespace, mesh: Any, device: torch.device, scaler: GradScaler
+) -> tuple[nn.Module, Any]:
+    """This rank's stage of the GPT, wrapped for its data-parallel peers, and its schedule.
+
+    The schedule runs backward itself: its loss goes through ``scaler.scale_loss_fn``, which keeps
+    the losses it returns unscaled and makes every stage's gradients the scaled ones.
+    """
+    from torch.distributed import pipelining
+    from torch.distributed.fsdp import fully_shard
+
+    pp_rank, _ = mesh.get_coordinate()
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    stage = GPTStage(GPTConfig(), pp_rank, args.pp_size).to(device)
+    dp = mesh["dp"]
+    if args.parallel == "pp_fsdp":
+        for block in stage.blocks.values():
+            fully_shard(block, mesh=dp)
+        fully_shard(stage, mesh=dp)
+        module: nn.Module = stage
+    elif dp.size() > 1:
+        module = nn.parallel.DistributedDataParallel(stage, process_group=dp.get_group())
+    else:
+        module = stage
+    pipe_stage = pipelining.PipelineStage(module, pp_rank, args.pp_size, device, group=mesh["pp"].get_group())
+    schedule_cls = pipelining.ScheduleGPipe if args.pp_schedule == "gpipe" else pipelining.Schedule1F1B
+    schedule = schedule_cls(pipe_stage, args.microbatches, loss_fn=scaler.scale_loss_fn(token_loss, device))
+    return module, schedule
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def make_scaler(args: argparse.Namespace, device_type: str, **layout: Any) -> GradScaler:
+    """The scaler for ``args.policy``; enabled for fp16 only (bf16 and fp32 need no scaling).
+    ``layout``: the job's mesh and replicate dims, where tensors and wrappers do not tell them."""
     common: dict[str, Any] = {
+        **layout,
         "enabled": args.dtype == "fp16",
         "overflow_diagnostics": args.diagnose_overflow,
         "underflow_every": args.underflow_every,
@@ -164,12 +227,17 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Op
     return torch.optim.AdamW(model.parameters(), lr=args.lr, fused=args.optimizer == "adamw_fused")
 
 
+# Optimizer state flattened to one entry per parameter name (param-group settings included):
+# pipeline stages hold different parameter groups, which must not collide under one key.
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def checkpoint_state(
     model: nn.Module, opt: torch.optim.Optimizer, scaler: GradScaler, step: int, args
 ) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt, options=STATE_DICT_OPTIONS)
     # Data and every random choice are functions of (seed, step): the step *is* the data position
     # and the RNG state, on any number of ranks.
     train = {"step": step, "seed": args.seed, "batch": args.batch}
@@ -181,7 +249,13 @@ def restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Gr
 
     state = checkpoint_state(model, opt, scaler, 0, args)
     ckpt.load(path, state)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=STATE_DICT_OPTIONS,
+    )
     if state["train"]["seed"] != args.seed or state["train"]["batch"] != args.batch:
         raise SystemExit(
             f"{path} was written with seed/batch {state['train']}; pass the same --seed and --batch"
@@ -189,8 +263,9 @@ def restore(path: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Gr
     return int(state["train"]["step"])
 
 
-def model_digest(model: nn.Module) -> str:
-    """sha256 of the full (unsharded) parameters: equal digests mean bitwise equal models. Collective."""
+def model_digest(model: nn.Module, stages: bool = False) -> str:
+    """sha256 of the full (unsharded) parameters: equal digests mean bitwise equal models.
+    ``stages``: ``model`` is one pipeline stage; the stages' parameters are gathered. Collective."""
     import contextlib
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -198,13 +273,20 @@ def model_digest(model: nn.Module) -> str:
 
     fsdp1 = isinstance(model, FSDP)
     gather = FSDP.summon_full_params(model, writeback=False) if fsdp1 else contextlib.nullcontext()
-    digest = hashlib.sha256()
+    named: dict[str, bytes] = {}
     with gather, torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
+        for name, param in model.named_parameters():
             full = param.full_tensor() if isinstance(param, DTensor) else param
-            digest.update(name.encode())
             # clone: a numpy view would pin the storage FSDP1 frees when it reshards
-            digest.update(full.detach().float().cpu().clone().numpy().tobytes())
+            named[name.removeprefix("module.")] = full.detach().float().cpu().clone().numpy().tobytes()
+    if stages:  # every stage's parameters (ranks of one stage hold the same full values)
+        parts: list[dict[str, bytes]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, named)
+        named = {k: v for part in parts for k, v in part.items()}
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        digest.update(name.encode())
+        digest.update(named[name])
     return digest.hexdigest()
 
 
@@ -244,9 +326,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = init_distributed()
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     rank, world = env.rank, env.world_size
-    model, dp_rank, dp_size = build_model(args, world, device)
+    pipelined = args.parallel in ("pp", "pp_fsdp")
+    if pipelined:
+        mesh = pipeline_mesh(args, world, device)
+        # Stages hold different parameters: the scaler is told which dim holds copies (dp).
+        scaler = make_scaler(args, device.type, mesh=mesh, replicate_dims=("dp",))
+        model, schedule = build_pipeline(args, mesh, device, scaler)
+        pp_rank, dp_rank = mesh.get_coordinate()
+        dp_size = mesh["dp"].size()
+        if args.batch % (dp_size * args.microbatches):
+            raise SystemExit(
+                f"--batch {args.batch} must split into {dp_size} data-parallel shards of --microbatches "
+                f"{args.microbatches} equal microbatches: use a multiple of {dp_size * args.microbatches}"
+            )
+    else:
+        model, dp_rank, dp_size = build_model(args, world, device)
+        scaler = make_scaler(args, device.type)
     opt = make_optimizer(args, model)
-    scaler = make_scaler(args, device.type)
     scaler.register_model(model)
     language = MarkovLanguage(GPTConfig().vocab)
 
@@ -278,22 +374,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step, args.batch, GPTConfig().context, args.seed, dp_rank, dp_size
         )
         inputs, targets = inputs.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
-            logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+        if pipelined:
+            losses: list[torch.Tensor] = []  # the last stage's microbatch losses, unscaled
+            with autocast:
+                schedule.step(
+                    *((inputs,) if pp_rank == 0 else ()),
+                    **({"target": targets, "losses": losses} if pp_rank == args.pp_size - 1 else {}),
+                )
+            loss = torch.stack(losses).mean() if losses else None
+        else:
+            with autocast:
+                logits = model(inputs)
+            loss = token_loss(logits, targets)
+            scaler.scale(loss).backward()
         norm = scaler.clip_grad_norm_(opt, args.clip) if args.clip > 0 else None
         scaler.step(opt)
         scaler.update()
         # Logging (host reads and one all-reduce), outside the scaler's step. The scaler's
-        # metrics are the same on every rank: one host read, no collective.
-        global_loss = loss.detach().clone()
+        # metrics are the same on every rank: one host read, no collective. The loss is the mean
+        # over the ranks that computed one (every rank; the last stage's under a pipeline).
+        global_loss = torch.stack(
+            [
+                torch.zeros((), device=device) if loss is None else loss.detach().float(),
+                torch.ones((), device=device) * (loss is not None),
+            ]
+        )
         dist.all_reduce(global_loss)
+        loss_sum, num_losses = global_loss.tolist()
         scaler_metrics = scaler.metrics()
         record = {
             "step": step,
-            "loss": global_loss.item() / world,
+            "loss": loss_sum / num_losses,
             "scale": scaler_metrics.get("scale", 1.0),
             "skipped": scaler_metrics.get("step_was_skipped", False),
             "skipped_total": scaler_metrics.get("skipped_steps", 0),
@@ -324,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scale": scaler.get_scale(),
         "skipped_steps": record.get("skipped_total", 0),
         "wall_time_s": time.perf_counter() - wall,
-        "model_sha256": model_digest(model),
+        "model_sha256": model_digest(model, stages=pipelined),
     }
     scales = [None] * world
     dist.all_gather_object(scales, summary["scale"])

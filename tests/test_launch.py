@@ -87,7 +87,7 @@ def check_run(summary: dict, steps: list[dict], world: int) -> None:
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, "the loss did not fall"
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp", "pp"])
 def test_torchrun_two_ranks(tmp_path, parallel):
     metrics = tmp_path / "m.jsonl"
     proc = run(torchrun("--parallel", parallel, "--steps", "40", "--no-progress", "--metrics", str(metrics)))
@@ -98,6 +98,28 @@ def test_torchrun_two_ranks(tmp_path, parallel):
     )  # the high first scale backs off
     assert "done: 40 steps on 2 rank(s)" in proc.stdout
     print(f"torchrun {parallel}: {proc.wall:.1f} s")  # type: ignore[attr-defined]
+
+
+def test_pipeline_stages_with_fsdp2_on_four_ranks_resume_bitwise(tmp_path):
+    """--parallel pp_fsdp: 2 stages, each sharded by FSDP2 over 2 ranks; a run checkpointed at
+    step 6 and resumed in new processes ends with the uninterrupted run's model, scale and loss."""
+    common = ("--parallel", "pp_fsdp", "--steps", "12", "--no-progress")
+    whole = tmp_path / "whole.jsonl"
+    proc = run(torchrun(*common, "--metrics", str(whole), nproc=4))
+    steps, want = records(whole)
+    check_run(want, steps, 4)
+    assert want["skipped_steps"] >= 1 and "done: 12 steps on 4 rank(s) (torchrun, pp_fsdp)" in proc.stdout
+    root = tmp_path / "ckpt"
+    run(torchrun(*common[:3], "6", "--no-progress", "--ckpt-dir", str(root), nproc=4))
+    resumed = tmp_path / "resumed.jsonl"
+    run(torchrun(*common, "--metrics", str(resumed), "--resume", str(root / "step_00000006"), nproc=4))
+    got = records(resumed)[1]
+    assert got["resumed_from"] == 6
+    assert (got["model_sha256"], got["scale"], got["final_loss"]) == (
+        want["model_sha256"],
+        want["scale"],
+        want["final_loss"],
+    )
 
 
 def test_single_process_runs_unchanged(tmp_path):

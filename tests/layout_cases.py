@@ -177,6 +177,28 @@ def job_pipeline(rank: int, world: int) -> dict[str, Any]:
         except distscale.ReplicationError as exc:
             out[("ddp", registered)] = str(exc)
 
+    # FSDP1 with original parameters, and NO_SHARD: their tensors do not name FSDP1's group.
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    for name, kwargs in (
+        ("fsdp1_orig", {"use_orig_params": True}),
+        ("fsdp1_no_shard", {"sharding_strategy": ShardingStrategy.NO_SHARD}),
+    ):
+        for registered in (False, True):
+            torch.manual_seed(0)
+            model = FSDP(nn.Linear(D, 3), device_id=torch.device("cpu"), **kwargs)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            scaler = distscale.GradScaler("cpu", init_scale=4.0)
+            if registered:
+                scaler.register_model(model)
+            x, y = batch(rank, 0)
+            scaler.scale(loss_fn(model(x), y[:, :3])).backward()
+            try:
+                out[(name, registered)] = scaler.clip_grad_norm_(opt, 1e9).item()
+            except distscale.ReplicationError as exc:
+                out[(name, registered)] = str(exc)
+
     for schedule in SCHEDULES:
         out[("exact", schedule)] = _pipeline_exactness(schedule, rank, world, group, mesh)
         for optimizer in ("sgd", "adamw_fused"):

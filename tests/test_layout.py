@@ -152,10 +152,14 @@ def test_pipeline_stages_on_two_ranks() -> None:
         assert out[("two_params", True)] == pytest.approx(want, rel=1e-6)
         skipped, scale, param = out["undeclared_skip"]
         assert skipped and scale == 2.0 and torch.equal(param, torch.zeros(4)), f"rank {rank}"
-        assert "cannot count" in out[("ddp", False)]
+        assert "cannot count" in out[("ddp", False)] and "register_model" in out[("ddp", False)]
         assert isinstance(out[("ddp", True)], float)
+        assert "an FSDP1 parameter (use_orig_params=True)" in out[("fsdp1_orig", False)]
+        assert "not sharded (NO_SHARD)" in out[("fsdp1_no_shard", False)]
+        assert isinstance(out[("fsdp1_orig", True)], float) and isinstance(out[("fsdp1_no_shard", True)], float)
     assert results[0][("two_params", False)] == results[1][("two_params", False)]
-    assert results[0][("ddp", True)] == results[1][("ddp", True)]
+    for case in ("ddp", "fsdp1_orig", "fsdp1_no_shard"):  # registered: one job-wide norm
+        assert results[0][(case, True)] == results[1][(case, True)], case
     for schedule in lc.SCHEDULES:
         exact = [out[("exact", schedule)] for out in results]
         assert sum(e["num_losses"] for e in exact) == lc.MICROBATCHES, schedule  # on the last stage

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from distscale import stats, underflow
+from distscale import fields, underflow
 from distscale._scaler_base import ScalerAttrs
 from distscale.diagnostics import OverflowReport
 
@@ -91,7 +91,7 @@ class MetricsMixin(ScalerAttrs):
         tensors = self.metric_tensors()
         if not tensors:
             return {}
-        return stats.to_host(tensors)  # host sync
+        return fields.to_host(tensors)  # host sync
 
     @property
     def last_overflow_report(self) -> OverflowReport | None:

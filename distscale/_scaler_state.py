@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distscale import checkpoint, policy, stats
+from distscale import checkpoint, fields, policy, stats
 from distscale._scaler_base import ScalerAttrs
 from distscale.collectives import ReduceGroup
 from distscale.errors import ScalerUsageError
@@ -22,7 +22,7 @@ class StateMixin(ScalerAttrs):
         """
         if not self._enabled:
             return {}
-        plain = stats.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
+        plain = fields.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
         state = {name: plain[name] for name in policy.ScaleState._fields}
         return checkpoint.build(
             self._config, state, {name: plain[name] for name in stats.ScalerStats._fields}

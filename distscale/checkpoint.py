@@ -4,22 +4,19 @@ Format (version 3), every value a Python number, string, bool or None, so
 ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint`` take it as is::
 
     {"format_version": 3,
-     "config": {init_scale, growth_factor, backoff_factor, growth_interval, hysteresis,
-                hysteresis_refill, min_scale, max_scale, on_min_scale,
-                min_scale_rule, growth_delay, tolerance},
-     "state": {scale, growth_tracker, hysteresis_tracker, num_updates, num_skipped,
-               num_min_scale_events, steps_since_rescale, overflows_since_backoff},
-     "stats": {overflows, consecutive_overflows, max_consecutive_overflows, steps_since_overflow,
-               steps_at_min_scale, step_was_skipped, grad_norm, zero_fraction, underflow_fraction},
-               # None where not measured (NaN on the device), so equal states compare equal
+     "config": every ScalerConfig setting, by name,
+     "state": every field of policy.ScaleState, by name,
+     "stats": every field of stats.ScalerStats, by name (None where not measured: NaN on the
+              device, so equal states compare equal),
      # torch.amp.GradScaler's five keys, so either scaler loads the other's checkpoint:
      "scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
 
-Version 1 (distscale 0.1: no ``min_scale_rule``, ``growth_delay``, ``tolerance``,
-``steps_since_rescale``, ``overflows_since_backoff``) still loads: the new settings take their
-defaults (the rule version 1 could express) and the new counters start at zero. Versions 1 and
-2 have no ``stats`` (see :mod:`distscale.stats`): they start fresh, so a resumed run's metrics
-count from the resume.
+The keys and the version derive from the fields' declarations (:mod:`distscale.fields`): each
+field names the version that introduced it, and a checkpoint of an older version loads with the
+newer fields at their initial values. Version 1 (distscale 0.1) lacks ``min_scale_rule``,
+``growth_delay``, ``tolerance`` (defaults: the rule version 1 could express),
+``steps_since_rescale`` and ``overflows_since_backoff``; versions 1 and 2 have no ``stats`` (a
+resumed run's metrics count from the resume).
 
 ``validate`` checks everything before anything is applied, so a bad state leaves the scaler as
 it was.
@@ -34,39 +31,32 @@ from typing import Any
 
 import torch
 
+from distscale import fields
 from distscale.config import ScalerConfig
-from distscale.stats import INITIAL as STATS_INITIAL
-from distscale.stats import STATS_DTYPES
+from distscale.policy import ScaleState
+from distscale.stats import ScalerStats
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+STATE_FIELDS = fields.fields(ScaleState)
+STATS_FIELDS = fields.fields(ScalerStats)
+# A field declared with a newer ``since`` raises the version: older checkpoints lack it.
+FORMAT_VERSION = max(f.since for f in (*STATE_FIELDS.values(), *STATS_FIELDS.values()))
+READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
+STATS_SINCE = min(f.since for f in STATS_FIELDS.values())  # versions before have no "stats"
 TORCH_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
-STATE_KEYS = (
-    "scale",
-    "growth_tracker",
-    "hysteresis_tracker",
-    "num_updates",
-    "num_skipped",
-    "num_min_scale_events",
-    "steps_since_rescale",
-    "overflows_since_backoff",
-)
 TOP_KEYS = frozenset({"format_version", "config", "state"}) | TORCH_KEYS
-STATS_KEYS = frozenset(STATS_DTYPES)
 CONFIG_KEYS = frozenset(ScalerConfig.__dataclass_fields__)
-# What version 1 lacks; loading it fills these with their defaults.
+# Settings version 1 lacked; loading it gives them their defaults (the rule version 1 could express).
 V2_CONFIG_KEYS = frozenset({"min_scale_rule", "growth_delay", "tolerance"})
-V2_STATE_DEFAULTS = {"steps_since_rescale": 0, "overflows_since_backoff": 0}
-EXPECTED_KEYS = {
-    1: (CONFIG_KEYS - V2_CONFIG_KEYS, frozenset(STATE_KEYS) - set(V2_STATE_DEFAULTS)),
-    2: (CONFIG_KEYS, frozenset(STATE_KEYS)),
-    3: (CONFIG_KEYS, frozenset(STATE_KEYS)),
-}
+
+
+def _keys_in(record: dict[str, fields.Field], version: int) -> frozenset[str]:
+    return frozenset(name for name, f in record.items() if f.since <= version)
 
 
 def build(
     config: ScalerConfig, state: Mapping[str, int | float], stats: Mapping[str, int | float | bool]
 ) -> dict[str, Any]:
+    """The format-``FORMAT_VERSION`` state dict of plain values (``state``/``stats``: by field name)."""
     return {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -97,12 +87,13 @@ def _int(where: str, value: object, low: int, high: int | None = None) -> int:
     return value
 
 
-def _stats(raw: object) -> dict[str, int | float | bool]:
-    if not isinstance(raw, Mapping) or set(raw) != STATS_KEYS:
-        raise _keys_error("['stats']", set(raw) if isinstance(raw, Mapping) else set(), STATS_KEYS)
-    values: dict[str, int | float | bool] = {}
-    for key, dtype in STATS_DTYPES.items():
-        value = raw[key]
+def _stats(raw: object, version: int, config: ScalerConfig) -> dict[str, int | float | bool]:
+    expected = _keys_in(STATS_FIELDS, version)
+    if not isinstance(raw, Mapping) or set(raw) != expected:
+        raise _keys_error("['stats']", set(raw) if isinstance(raw, Mapping) else set(), expected)
+    values = fields.initial_values(ScalerStats, config)  # fields newer than the checkpoint start fresh
+    for key in expected:
+        dtype, value = STATS_FIELDS[key].dtype, raw[key]
         where = f"stats[{key!r}]"
         if dtype is torch.bool:
             if not isinstance(value, bool):
@@ -143,7 +134,6 @@ def validate(
             "from a disabled instance of GradScaler."
         )
     keys = set(state_dict)
-    stats: dict[str, int | float | bool] = dict(STATS_INITIAL)
     if "format_version" not in keys:
         if keys != TORCH_KEYS:
             raise _keys_error("(torch.amp.GradScaler format)", keys, TORCH_KEYS)
@@ -154,14 +144,11 @@ def validate(
             growth_interval=state_dict["growth_interval"],
         )
         raw = {
+            **fields.initial_values(ScaleState, config),  # the counters torch does not keep start at zero
             "scale": state_dict["scale"],
             "growth_tracker": state_dict["_growth_tracker"],
-            "hysteresis_tracker": config.hysteresis,
-            "num_updates": 0,
-            "num_skipped": 0,
-            "num_min_scale_events": 0,
-            **V2_STATE_DEFAULTS,
         }
+        stats = fields.initial_values(ScalerStats, config)
     else:
         version = state_dict["format_version"]
         if type(version) is not int or version not in READABLE_VERSIONS:
@@ -169,19 +156,24 @@ def validate(
                 f"GradScaler state_dict format_version {version!r} is not supported "
                 f"(this distscale reads versions {list(READABLE_VERSIONS)})."
             )
-        top_keys = TOP_KEYS | {"stats"} if version >= 3 else TOP_KEYS
+        top_keys = TOP_KEYS | {"stats"} if version >= STATS_SINCE else TOP_KEYS
         if keys != top_keys:
             raise _keys_error("", keys, top_keys)
-        if version >= 3:
-            stats = _stats(state_dict["stats"])
         cfg, raw = state_dict["config"], state_dict["state"]
-        config_keys, state_keys = EXPECTED_KEYS[version]
+        config_keys = CONFIG_KEYS - V2_CONFIG_KEYS if version == 1 else CONFIG_KEYS
+        state_keys = _keys_in(STATE_FIELDS, version)
         if not isinstance(cfg, Mapping) or set(cfg) != config_keys:
             raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), config_keys)
         if not isinstance(raw, Mapping) or set(raw) != state_keys:
             raise _keys_error("['state']", set(raw) if isinstance(raw, Mapping) else set(), state_keys)
-        raw = {**V2_STATE_DEFAULTS, **raw}
         config = ScalerConfig(**cfg)  # validates every setting; version 1 gets the new defaults
+        # Fields newer than the checkpoint start at their initial values.
+        raw = {**fields.initial_values(ScaleState, config), **raw}
+        stats = (
+            _stats(state_dict["stats"], version, config)
+            if version >= STATS_SINCE
+            else fields.initial_values(ScalerStats, config)
+        )
         # The torch-compatible duplicates must agree with the authoritative entries.
         duplicates = {
             "scale": raw["scale"],
@@ -210,6 +202,6 @@ def validate(
     # growth_delay restarts the tracker below zero after an overflow.
     values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], -config.growth_delay)
     values["hysteresis_tracker"] = _int("hysteresis_tracker", raw["hysteresis_tracker"], 0, config.hysteresis)
-    for key in ("num_updates", "num_skipped", "num_min_scale_events", *V2_STATE_DEFAULTS):
+    for key in STATE_FIELDS.keys() - values.keys():  # every other field is a counter
         values[key] = _int(key, raw[key], 0)
-    return config, values, stats
+    return config, {key: values[key] for key in STATE_FIELDS}, stats

@@ -39,58 +39,47 @@ refused by ``min_scale_rule="refuse"`` resets them as fairseq does before it rai
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 
+from distscale import fields
 from distscale.config import ScalerConfig
+from distscale.fields import Field
 
 __all__ = ["ScaleState", "init_state", "update"]
 
 
 class ScaleState(NamedTuple):
-    """Everything the rule reads and writes; 0-dim tensors on one device."""
+    """Everything the rule reads and writes; 0-dim tensors on one device. Each field is declared
+    once, here (see :mod:`distscale.fields`): checkpoint keys and metrics derive from it."""
 
-    scale: torch.Tensor  # float32
-    growth_tracker: torch.Tensor  # int32: clean steps since the last overflow or growth
-    hysteresis_tracker: torch.Tensor  # int32: overflows left before a backoff
-    num_updates: torch.Tensor  # int64: update() calls that applied the rule
-    num_skipped: torch.Tensor  # int64: steps skipped for inf/NaN
-    num_min_scale_events: torch.Tensor  # int64: min-scale events (see ScalerConfig.min_scale_rule)
-    steps_since_rescale: torch.Tensor  # int64: updates since the last backoff or growth
-    overflows_since_backoff: torch.Tensor  # int64: overflows since the last backoff
+    scale: Annotated[torch.Tensor, Field(torch.float32, lambda c: c.init_scale)]
+    growth_tracker: Annotated[torch.Tensor, Field(torch.int32, lambda c: -c.growth_delay)]
+    """Clean steps since the last overflow or growth."""
+    hysteresis_tracker: Annotated[torch.Tensor, Field(torch.int32, lambda c: c.hysteresis)]
+    """Overflows left before a backoff."""
+    num_updates: Annotated[torch.Tensor, Field(torch.int64, 0)]
+    """update() calls that applied the rule."""
+    num_skipped: Annotated[torch.Tensor, Field(torch.int64, 0)]
+    """Steps skipped for inf/NaN."""
+    num_min_scale_events: Annotated[torch.Tensor, Field(torch.int64, 0)]
+    """Min-scale events (see ScalerConfig.min_scale_rule)."""
+    steps_since_rescale: Annotated[torch.Tensor, Field(torch.int64, 0, since=2)]
+    """Updates since the last backoff or growth."""
+    overflows_since_backoff: Annotated[torch.Tensor, Field(torch.int64, 0, since=2)]
+    """Overflows since the last backoff."""
 
     def to(self, device: torch.device | str) -> ScaleState:
         return ScaleState(*(t.to(device) for t in self))
 
 
-STATE_DTYPES: dict[str, torch.dtype] = {
-    "scale": torch.float32,
-    "growth_tracker": torch.int32,
-    "hysteresis_tracker": torch.int32,
-    "num_updates": torch.int64,
-    "num_skipped": torch.int64,
-    "num_min_scale_events": torch.int64,
-    "steps_since_rescale": torch.int64,
-    "overflows_since_backoff": torch.int64,
-}
+STATE_DTYPES = fields.dtypes(ScaleState)
 
 
 def init_state(config: ScalerConfig, device: torch.device | str = "cpu") -> ScaleState:
     """Fresh state: ``init_scale``, trackers at rest, counters at zero."""
-    values = {
-        "scale": config.init_scale,
-        "growth_tracker": -config.growth_delay,
-        "hysteresis_tracker": config.hysteresis,
-        "num_updates": 0,
-        "num_skipped": 0,
-        "num_min_scale_events": 0,
-        "steps_since_rescale": 0,
-        "overflows_since_backoff": 0,
-    }
-    return ScaleState(
-        **{k: torch.full((), v, dtype=STATE_DTYPES[k], device=device) for k, v in values.items()}
-    )
+    return fields.allocate(ScaleState, config, device)
 
 
 def _times(scale: torch.Tensor, factor: float) -> torch.Tensor:

@@ -12,13 +12,16 @@ the scale healthy?").
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Annotated, NamedTuple
 
 import torch
 
+from distscale import fields
 from distscale.config import ScalerConfig
+from distscale.fields import Field
 
-__all__ = ["STATS_DTYPES", "ScalerStats", "init_stats", "to_host", "update_stats"]
+__all__ = ["STATS_DTYPES", "ScalerStats", "init_stats", "update_stats"]
 
 # Smallest magnitude that survives a cast to float16: 2**-25 rounds (to even) to zero, anything
 # above rounds to at least the smallest subnormal 2**-24.
@@ -26,50 +29,37 @@ FP16_FLUSH = 2.0**-25
 
 
 class ScalerStats(NamedTuple):
-    """0-dim tensors on the scale's device. NaN means "not measured"."""
+    """0-dim tensors on the scale's device. NaN means "not measured". Each field is declared once,
+    here (see :mod:`distscale.fields`): checkpoint keys and metric names derive from it."""
 
-    overflows: torch.Tensor  # int64: optimizer steps skipped for inf/NaN (each optimizer counts)
-    consecutive_overflows: torch.Tensor  # int64: skipped steps in a row, ending at the last update
-    max_consecutive_overflows: torch.Tensor  # int64: the longest such run so far
-    steps_since_overflow: torch.Tensor  # int64: updates since the last skipped step
-    steps_at_min_scale: torch.Tensor  # int64: updates that left the scale at min_scale
-    step_was_skipped: torch.Tensor  # bool: the last update's step was skipped (any optimizer)
-    grad_norm: torch.Tensor  # float32: job-wide norm of the unscaled grads; NaN if not clipped
-    zero_fraction: torch.Tensor  # float32: last underflow-monitor reading (see underflow.py)
-    underflow_fraction: torch.Tensor  # float32: idem
+    overflows: Annotated[torch.Tensor, Field(torch.int64, 0, since=3)]
+    """Optimizer steps skipped for inf/NaN (each optimizer counts)."""
+    consecutive_overflows: Annotated[torch.Tensor, Field(torch.int64, 0, since=3)]
+    """Skipped steps in a row, ending at the last update."""
+    max_consecutive_overflows: Annotated[torch.Tensor, Field(torch.int64, 0, since=3)]
+    """The longest such run so far."""
+    steps_since_overflow: Annotated[torch.Tensor, Field(torch.int64, 0, since=3)]
+    """Updates since the last skipped step."""
+    steps_at_min_scale: Annotated[torch.Tensor, Field(torch.int64, 0, since=3)]
+    """Updates that left the scale at min_scale."""
+    step_was_skipped: Annotated[torch.Tensor, Field(torch.bool, False, since=3)]
+    """The last update's step was skipped (any optimizer)."""
+    grad_norm: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=3)]
+    """Job-wide norm of the unscaled grads; NaN if the step did not clip."""
+    zero_fraction: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=3)]
+    """Last underflow-monitor reading (see underflow.py)."""
+    underflow_fraction: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=3)]
+    """Idem."""
 
     def to(self, device: torch.device | str) -> ScalerStats:
         return ScalerStats(*(t.to(device) for t in self))
 
 
-STATS_DTYPES: dict[str, torch.dtype] = {
-    "overflows": torch.int64,
-    "consecutive_overflows": torch.int64,
-    "max_consecutive_overflows": torch.int64,
-    "steps_since_overflow": torch.int64,
-    "steps_at_min_scale": torch.int64,
-    "step_was_skipped": torch.bool,
-    "grad_norm": torch.float32,
-    "zero_fraction": torch.float32,
-    "underflow_fraction": torch.float32,
-}
-INITIAL: dict[str, float | int | bool] = {
-    "overflows": 0,
-    "consecutive_overflows": 0,
-    "max_consecutive_overflows": 0,
-    "steps_since_overflow": 0,
-    "steps_at_min_scale": 0,
-    "step_was_skipped": False,
-    "grad_norm": float("nan"),
-    "zero_fraction": float("nan"),
-    "underflow_fraction": float("nan"),
-}
+STATS_DTYPES = fields.dtypes(ScalerStats)
 
 
 def init_stats(device: torch.device | str = "cpu") -> ScalerStats:
-    return ScalerStats(
-        **{k: torch.full((), v, dtype=STATS_DTYPES[k], device=device) for k, v in INITIAL.items()}
-    )
+    return fields.allocate(ScalerStats, ScalerConfig(), device)  # no field depends on the settings
 
 
 def update_stats(
@@ -113,17 +103,3 @@ def update_stats(
         zero_fraction=zero_fraction,
         underflow_fraction=underflow_fraction,
     )
-
-
-def to_host(named: dict[str, torch.Tensor]) -> dict[str, bool | int | float]:
-    """0-dim tensors as Python bools, ints and floats (by dtype). One host sync for all of them."""
-    values = torch.stack([t.double().cpu() for t in named.values()]).tolist()  # host sync
-    out: dict[str, bool | int | float] = {}
-    for (name, tensor), value in zip(named.items(), values, strict=True):
-        if tensor.dtype is torch.bool:
-            out[name] = bool(value)
-        elif tensor.dtype.is_floating_point:
-            out[name] = float(value)
-        else:
-            out[name] = int(value)
-    return out

@@ -4,11 +4,10 @@
 - ``readonly``: check + norm without writing (``inv_scale=None``: the unscale is folded into a
   fused optimizer's ``grad_scale``).
 
-Both call ``kernels.fused_check_(grads, found_inf, inv_scale, norm_type, kernel=...)`` once per
-(device, dtype) group (one pass; the norm is of the values as read, before unscale). Where that
-function does not exist, they compose ``kernels.norms`` + ``kernels.check_and_unscale_`` (two
-passes; the read-only mode then still writes) and say so in their label. On CUDA there are rows
-per kernel: "auto", "triton" (when the kernels accept it) and "torch"; on CPU "auto" only.
+Both call ``kernels.check_(grads, found_inf, inv_scale, norm_type, backend=...)`` once per
+(device, dtype) group, the backend resolved from the kernel choice for the group (one pass with
+Triton; the norm is of the values as read, before unscale). On CUDA there are rows per kernel:
+"auto", "triton" (when it runs) and "torch"; on CPU "auto" only.
 """
 
 from __future__ import annotations
@@ -26,29 +25,18 @@ __all__ = ["api_name", "kernel_names", "ours", "triton_available"]
 NORM_TYPE = 2.0
 
 
-def _fused() -> Callable[..., torch.Tensor | None] | None:
-    return getattr(kernels, "fused_check_", None)
-
-
 def api_name() -> str:
     """Which kernels API the distscale rows call (reported with the results)."""
-    return "fused_check_" if _fused() is not None else "composed fallback (norms + check_and_unscale_)"
+    return "kernels.check_"
 
 
 def triton_available(device: torch.device) -> tuple[bool, str]:
     """Whether ``kernel="triton"`` rows can run here, and why not."""
     if device.type != "cuda":
         return False, "no CUDA device"
-    if "triton" not in getattr(kernels, "KERNEL_CHOICES", ()):
-        return False, "distscale.kernels does not accept kernel='triton'"
-    fused = _fused()
     try:
         probe = [torch.ones(8, device=device)]
-        found = torch.zeros((), device=device)
-        if fused is not None:
-            fused(probe, found, None, NORM_TYPE, kernel="triton")
-        else:
-            kernels.check_and_unscale_(probe, found, None, "triton")
+        _group_norm(probe, torch.zeros((), device=device), None, "triton")
         torch.cuda.synchronize(device)
     except Exception as exc:
         return False, f"kernel='triton' failed: {type(exc).__name__}: {exc}"
@@ -58,14 +46,10 @@ def triton_available(device: torch.device) -> tuple[bool, str]:
 def _group_norm(
     grads: list[torch.Tensor], found: torch.Tensor, inv: torch.Tensor | None, kernel: str
 ) -> torch.Tensor:
-    fused = _fused()
-    if fused is not None:
-        norm = fused(grads, found, inv, NORM_TYPE, kernel=kernel)
-        assert norm is not None
-        return norm
-    per_tensor = kernels.norms(grads, NORM_TYPE, kernel)  # before the unscale, as fused_check_
-    kernels.check_and_unscale_(grads, found, inv, kernel)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in per_tensor]), NORM_TYPE)
+    backend = kernels.backend(kernel, grads[0].device, grads[0].dtype)
+    norm = kernels.check_(grads, found, inv, NORM_TYPE, backend=backend)
+    assert norm is not None
+    return norm
 
 
 def _builder(kernel: str, inplace: bool) -> Callable[[list[torch.Tensor], Context], Run]:
@@ -100,13 +84,9 @@ def kernel_names(device: torch.device) -> list[str]:
 
 
 def _resolved(kernel: str, device: torch.device) -> str:
-    backend = getattr(kernels, "backend", None)
-    if kernel != "auto" or backend is None:
+    if kernel != "auto":
         return f"kernel={kernel}"
-    try:
-        return f"kernel=auto (fp32 → {backend('auto', device, torch.float32)})"
-    except Exception:
-        return "kernel=auto"
+    return f"kernel=auto (fp32 → {kernels.backend('auto', device, torch.float32)})"
 
 
 def ours(names: list[str], device: torch.device) -> list[Impl]:

@@ -1,35 +1,56 @@
 """The scaler's single collective: one small all-reduce per step, identity on one process.
 
-Everything a step needs from other ranks travels in one packed buffer:
+Everything a step needs from other ranks travels in one packed buffer (a :class:`Contribution`
+in, a :class:`Reduced` out):
 
-* flags: 0/1 inf/NaN flags (one per optimizer): reduced with SUM or MAX, then clamped to 0/1,
-  never raw gradient values (gloo's MAX loses a NaN held by the last rank);
-* sums: per-rank powers of norms (finite ``norm_type``): SUM;
-* maxes: per-rank inf-norms: MAX (NaN is turned into inf first for the same reason);
+* flags: 0/1 flags (inf/NaN per optimizer, layout checks): reduced with SUM or MAX, then clamped
+  to 0/1, never raw gradient values (gloo's MAX loses a NaN held by the last rank);
+* norms: each rank's norm of its share and the norm type. A finite ``p`` travels as ``norm**p``
+  (SUM) and comes back as the p-th root; an inf-norm travels as is (MAX; NaN turned into inf
+  first, for the same reason). On one process the norm comes back untouched (no power round trip);
+* sums: counts summed as they are (underflow counts), any shape;
 * slots: per-rank values written at this rank's slot, zeros elsewhere (state fingerprints for the
   consistency check): recovered exactly by SUM or MAX since every entry is >= 0.
 
-One all-reduce covers flags+sums or flags+maxes; a step that mixes finite and infinite norm
-types falls back to one all-gather of the same buffer. Every rank issues the collective in the
-same order whatever its local values: the buffer's layout depends only on the call sequence.
+One all-reduce covers everything unless a step mixes inf-norms with finite norms or sums; then
+one all-gather of the same buffer. Every rank issues the collective in the same order whatever
+its local values: the buffer's layout depends only on the call sequence.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Packed", "ReduceGroup"]
+__all__ = ["Contribution", "ReduceGroup", "Reduced"]
 
 
 @dataclass(slots=True)
-class Packed:
+class Contribution:
+    """This rank's part of one collective."""
+
+    flags: list[torch.Tensor] = field(default_factory=list)
+    norms: list[tuple[torch.Tensor, float]] = field(default_factory=list)
+    """(this rank's norm, its norm type) pairs."""
+    sums: list[torch.Tensor] = field(default_factory=list)
+    slots: torch.Tensor | None = None
+    """(num_values,) this rank's values; returned as (world, num_values)."""
+
+
+@dataclass(slots=True)
+class Reduced:
+    """The job-wide values, identical on every rank, in the order they were contributed."""
+
     flags: list[torch.Tensor]
+    """0-dim float32, 0. or 1."""
+    norms: list[torch.Tensor]
+    """0-dim float32 job-wide norms."""
     sums: list[torch.Tensor]
-    maxes: list[torch.Tensor]
-    slots: torch.Tensor | None = None  # (num_values,) this rank's values; returned as (world, num_values)
+    """float32 (or the reduce dtype), the shapes contributed."""
+    slots: torch.Tensor | None
 
 
 class ReduceGroup:
@@ -38,7 +59,6 @@ class ReduceGroup:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self._group = group
-        self.num_collectives = 0  # issued by this object; tests and benchmarks read it
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -78,54 +98,87 @@ class ReduceGroup:
         dist.all_gather_object(out, obj, group=group)
         return out
 
-    def reduce(self, packed: Packed, dtype: torch.dtype = torch.float32) -> Packed:
-        """Reduce ``packed`` across the group with exactly one collective (none on one process).
+    def reduce(self, contribution: Contribution, dtype: torch.dtype = torch.float32) -> Reduced:
+        """Reduce ``contribution`` across the group with exactly one collective (none on one process).
 
-        Returns flags as 0./1. float32, norms reduced, slots as (world_size, n). Participating
-        ranks: every rank of the group, unconditionally. No host sync on NCCL/CUDA.
+        Participating ranks: every rank of the group, unconditionally. No host sync on NCCL/CUDA.
+        ``dtype``: the buffer's (float64 keeps state fingerprints exact).
         """
+        c = contribution
         world = self.world_size
-        parts = [*packed.flags, *packed.sums, *packed.maxes]
-        if not parts and packed.slots is None:
-            return packed
-        device = (parts[0] if parts else packed.slots).device
-        maxes = [torch.nan_to_num(m.float(), nan=float("inf")) for m in packed.maxes]
-        head = [t.reshape(1).to(device=device, dtype=dtype) for t in (*packed.flags, *packed.sums, *maxes)]
-        if world == 1:
-            return self._unpack(torch.cat(head) if head else None, packed, world, packed.slots)
-        slot_width = 0 if packed.slots is None else packed.slots.numel()
-        tail = []
-        if packed.slots is not None:
-            table = torch.zeros(world, slot_width, dtype=dtype, device=device)
-            table[self.rank] = packed.slots.to(device=device, dtype=dtype)
-            tail = [table.reshape(-1)]
-        buffer = torch.cat(head + tail)
-        self.num_collectives += 1
-        if packed.sums and packed.maxes:
-            gathered = torch.empty(world, buffer.numel(), dtype=dtype, device=device)
-            dist.all_gather_into_tensor(gathered, buffer, group=self.group)
-            n_flags, n_sums = len(packed.flags), len(packed.sums)
-            buffer = torch.cat(
-                [
-                    gathered[:, : n_flags + n_sums].sum(0),
-                    gathered[:, n_flags + n_sums : len(head)].amax(0),
-                    gathered[:, len(head) :].sum(0),
-                ]
-            )
+        tensors = [*c.flags, *(n for n, _ in c.norms), *c.sums]
+        if not tensors and c.slots is None:
+            return Reduced([], [], [], None)
+        device = tensors[0].device if tensors else c.slots.device  # type: ignore[union-attr]
+        distributed = world > 1
+        # Norms in the order [finite..., inf...]: finite ones add up, inf ones take the max.
+        finite = [i for i, (_, p) in enumerate(c.norms) if not math.isinf(p)]
+        infinite = [i for i, (_, p) in enumerate(c.norms) if math.isinf(p)]
+
+        def powered(i: int) -> torch.Tensor:
+            norm, p = c.norms[i]
+            return norm**p if distributed else norm  # one process: no power round trip
+
+        summed = [
+            *(f.reshape(1) for f in c.flags),
+            *(powered(i).reshape(1) for i in finite),
+            *(s.reshape(-1) for s in c.sums),
+        ]
+        inf = float("inf")
+        maxed = [
+            (torch.nan_to_num(c.norms[i][0].float(), nan=inf, posinf=inf) if distributed else c.norms[i][0])
+            .reshape(1)
+            for i in infinite
+        ]
+        head = torch.cat([t.to(device=device, dtype=dtype) for t in (*summed, *maxed)])
+        n_summed = sum(t.numel() for t in summed)
+        slots = None
+        if not distributed:
+            slots = None if c.slots is None else c.slots.reshape(1, -1)
         else:
-            op = dist.ReduceOp.MAX if packed.maxes else dist.ReduceOp.SUM
-            dist.all_reduce(buffer, op=op, group=self.group)
-        slots = buffer[len(head) :].reshape(world, slot_width) if packed.slots is not None else None
-        return self._unpack(buffer[: len(head)], packed, world, slots)
+            buffer = head
+            if c.slots is not None:
+                table = torch.zeros(world, c.slots.numel(), dtype=dtype, device=device)
+                table[self.rank] = c.slots.to(device=device, dtype=dtype)
+                buffer = torch.cat([head, table.reshape(-1)])
+            if maxed and n_summed > len(c.flags):  # MAX would break sums: gather instead
+                gathered = torch.empty(world, buffer.numel(), dtype=dtype, device=device)
+                dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+                buffer = torch.cat(
+                    [
+                        gathered[:, :n_summed].sum(0),
+                        gathered[:, n_summed : head.numel()].amax(0),
+                        gathered[:, head.numel() :].sum(0),
+                    ]
+                )
+            else:  # flags and slots survive either op
+                dist.all_reduce(buffer, op=dist.ReduceOp.MAX if maxed else dist.ReduceOp.SUM, group=self.group)
+            head = buffer[: head.numel()]
+            if c.slots is not None:
+                slots = buffer[head.numel() :].reshape(world, c.slots.numel())
+        return self._unpack(head, c, finite, infinite, distributed, slots)
 
     @staticmethod
-    def _unpack(head: torch.Tensor | None, packed: Packed, world: int, slots: torch.Tensor | None) -> Packed:
-        n_flags, n_sums = len(packed.flags), len(packed.sums)
-        if head is None:
-            return Packed([], [], [], slots)
-        flags = [(f > 0).float().reshape(()) for f in head[:n_flags].float()]
-        sums = [s.float().reshape(()) for s in head[n_flags : n_flags + n_sums]]
-        maxes = [m.float().reshape(()) for m in head[n_flags + n_sums :]]
-        if world == 1 and slots is not None:
-            slots = slots.reshape(1, -1)
-        return Packed(flags, sums, maxes, slots)
+    def _unpack(
+        head: torch.Tensor,
+        c: Contribution,
+        finite: list[int],
+        infinite: list[int],
+        distributed: bool,
+        slots: torch.Tensor | None,
+    ) -> Reduced:
+        flags = [(f > 0).float().reshape(()) for f in head[: len(c.flags)].float()]
+        at = len(c.flags)
+        norms: list[torch.Tensor | None] = [None] * len(c.norms)
+        for i in finite:
+            value = head[at].float()
+            norms[i] = value ** (1.0 / c.norms[i][1]) if distributed else value
+            at += 1
+        sums = []
+        for s in c.sums:
+            sums.append(head[at : at + s.numel()].float().reshape(s.shape))
+            at += s.numel()
+        for i in infinite:
+            norms[i] = head[at].float()
+            at += 1
+        return Reduced(flags, norms, sums, slots)  # type: ignore[arg-type]

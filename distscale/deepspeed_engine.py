@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from distscale.scaler import GradScaler
 
 __all__ = ["DeepSpeedLossScale"]
@@ -90,9 +88,10 @@ class DeepSpeedLossScale:
             return None
         self._global_steps = self.engine.global_steps
         applied = bool(self.engine.was_step_applied())
-        self.scaler._apply_rule(torch.tensor(0.0 if applied else 1.0), skipped_host=not applied)
-        self._push()
-        self.scaler._report_min_scale()
+        try:
+            self.scaler.update(found_inf=not applied)
+        finally:
+            self._push()  # the next scale, also when the rule raised at its minimum
         return applied
 
     def get_scale(self) -> float:

@@ -1,12 +1,13 @@
 """The local check: one pass per (device, dtype) group, no collective, no host sync.
 
-``GradSet`` gathers one optimizer's local gradients once (see :mod:`distscale.sharding`) and
-remembers which tensors it saw and their version counters, so the façade can tell whether the
-gradients changed (another backward, ``zero_grad``) since they were checked.
+``GradSet`` gathers one optimizer's local gradients once (see :mod:`distscale.sharding`), groups
+them by (device, dtype) with each group's kernel backend resolved once, and remembers which tensors
+it saw and their version counters, so the step engine can tell whether the gradients changed
+(another backward, ``zero_grad``) since they were checked.
 
 With the "triton" backend on every group, a check that is told the norm type takes the local norm
-in the same pass (see :func:`distscale.kernels.fused_check_`) and ``local_norm`` returns it while
-the grads are unchanged; the other backends keep their separate norm pass, bit for bit.
+in the same pass (see :func:`distscale.kernels.check_`) and ``local_norm`` returns it while the
+grads are unchanged; the other backends keep their separate norm pass, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -22,7 +23,7 @@ from distscale import kernels
 from distscale.layout import REPLICATE_DIMS_KEY, Layout
 from distscale.sharding import Classification, LocalGrad, classify, local_grads
 
-__all__ = ["GradCache", "GradSet", "GroupRanks"]
+__all__ = ["ClassificationCache", "GradSet", "GroupRanks"]
 
 GroupKey = tuple[torch.device, torch.dtype]
 
@@ -34,11 +35,12 @@ def _group(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
     return groups
 
 
-def _group_grads(grads: list[LocalGrad]) -> dict[GroupKey, list[LocalGrad]]:
-    groups: dict[GroupKey, list[LocalGrad]] = defaultdict(list)
-    for g in grads:
-        groups[(g.tensor.device, g.tensor.dtype)].append(g)
-    return groups
+class _Group(NamedTuple):
+    """One (device, dtype) group of local grads and the kernel backend that runs it."""
+
+    grads: list[LocalGrad]
+    tensors: list[torch.Tensor]
+    backend: kernels.Backend
 
 
 def _counted_numel(g: LocalGrad) -> int | None:
@@ -84,7 +86,7 @@ class _SingleProcess:
     global_rank = 0
 
 
-class GradCache:
+class ClassificationCache:
     """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.classify`),
     reused while its parameter list holds the same objects and the layout has not changed:
     classifying costs attribute lookups per parameter that would otherwise repeat every step.
@@ -102,7 +104,7 @@ class GradCache:
         self._entries = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (GradCache, ())  # a cache: pickles empty (weak references do not pickle)
+        return (ClassificationCache, ())  # a cache: pickles empty (weak references do not pickle)
 
     def classification(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> Classification:
         key = (self.layout.version, *(g.get(REPLICATE_DIMS_KEY) for g in optimizer.param_groups))
@@ -118,15 +120,21 @@ class GradCache:
 
 
 class GradSet:
-    """One optimizer's local gradients, as seen at one moment."""
+    """One optimizer's local gradients, as seen at one moment, checked with ``kernel``
+    (a :data:`~distscale.kernels.KERNEL_CHOICES` choice, resolved once per group)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cache: GradCache | None = None) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, cache: ClassificationCache | None = None, kernel: str = "auto"
+    ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.classification = (GradCache() if cache is None else cache).classification(optimizer, params)
+        self.classification = (ClassificationCache() if cache is None else cache).classification(
+            optimizer, params
+        )
         self.param_groups = optimizer.param_groups  # to name unresolved parameters
+        self.kernel = kernel
         self.grads: list[LocalGrad] = local_grads(params, self.classification.kinds)
         self._sources = [g.source for g in self.grads]
-        self._groups: dict[GroupKey, list[LocalGrad]] | None = None
+        self._groups: dict[GroupKey, _Group] | None = None
         self._versions = self._snapshot()
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None
@@ -143,10 +151,17 @@ class GradSet:
         """Record our own in-place writes, so they do not count as a change."""
         self._versions = self._snapshot()
 
-    def groups(self) -> dict[GroupKey, list[LocalGrad]]:
-        """The grads by (device, dtype), computed once: a GradSet's tensors never change."""
+    def groups(self) -> dict[GroupKey, _Group]:
+        """The grads by (device, dtype) with their backends, computed once: a GradSet's tensors
+        never change."""
         if self._groups is None:
-            self._groups = _group_grads(self.grads)
+            by_key: dict[GroupKey, list[LocalGrad]] = defaultdict(list)
+            for g in self.grads:
+                by_key[(g.tensor.device, g.tensor.dtype)].append(g)
+            self._groups = {
+                key: _Group(members, [g.tensor for g in members], kernels.backend(self.kernel, *key))
+                for key, members in by_key.items()
+            }
         return self._groups
 
     def _same_objects(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -161,47 +176,34 @@ class GradSet:
         return self._same_objects(optimizer) and self._snapshot() == self._versions
 
     def check_(
-        self,
-        found_inf: torch.Tensor,
-        inv_scale: torch.Tensor | None,
-        kernel: str,
-        check: bool = True,
-        norm_type: float | None = None,
+        self, found_inf: torch.Tensor, inv_scale: torch.Tensor | None, norm_type: float | None = None
     ) -> None:
         """Accumulate this rank's inf/NaN flag into ``found_inf`` and unscale if ``inv_scale``.
 
-        ``check=False`` only unscales (the grads were checked before and have not changed).
         ``norm_type``: the norm ``local_norm`` will be asked for; taken in the same pass when every
         group runs on the "triton" backend and it is 2 or inf (ignored otherwise).
         Runs one kernel call per (device, dtype) group; no host sync.
         """
         self._fused_norm = None
         groups = self.groups()
-        fuse = (
-            check
-            and norm_type in kernels.FUSED_NORM_TYPES
-            and all(kernels.backend(kernel, *key) == "triton" for key in groups)
-        )
-        counts = (
-            {key: [_counted_numel(g) for g in members] for key, members in groups.items()} if fuse else {}
-        )
+        fuse = norm_type in kernels.FUSED_NORM_TYPES and all(g.backend == "triton" for g in groups.values())
+        counts = {key: [_counted_numel(g) for g in group.grads] for key, group in groups.items()} if fuse else {}
         fuse = fuse and all(None not in c for c in counts.values())
         group_norms: list[torch.Tensor] = []
         with torch.no_grad():
             found = _PerDevice(found_inf)
             inv = None if inv_scale is None else _PerDevice(inv_scale)
-            for (device, dtype), members in groups.items():
-                tensors = [g.tensor for g in members]
-                target = found.get(device) if check else torch.zeros_like(found.get(device))
-                inv_here = None if inv is None else inv.get(device)
-                if fuse:
-                    norm = kernels.fused_check_(
-                        tensors, target, inv_here, norm_type, kernel, norm_numels=counts[(device, dtype)]
-                    )
-                    assert norm is not None
+            for (device, dtype), group in groups.items():
+                norm = kernels.check_(
+                    group.tensors,
+                    found.get(device),
+                    None if inv is None else inv.get(device),
+                    norm_type if fuse else None,
+                    backend=group.backend,
+                    norm_numels=counts[(device, dtype)] if fuse else None,  # type: ignore[arg-type]
+                )
+                if norm is not None:
                     group_norms.append(norm.to(found_inf.device))
-                else:
-                    kernels.check_and_unscale_(tensors, target, inv_here, kernel)
             for copy in found.values():
                 if copy is not found_inf:
                     found_inf.copy_(torch.maximum(found_inf, copy.to(found_inf.device)))
@@ -220,9 +222,18 @@ class GradSet:
         # torch's op rewrites every element even with inv_scale=1: our own writes are no change.
         self.refresh_versions()
 
-    def local_norm(
-        self, norm_type: float, device: torch.device, kernel: str, scale_by: torch.Tensor | None
-    ) -> torch.Tensor:
+    def unscale_(self, inv_scale: torch.Tensor) -> None:
+        """Multiply every local grad by ``inv_scale`` in place (grads already checked and
+        unchanged since): the check's kernel, its flag discarded. No host sync."""
+        self._fused_norm = None
+        with torch.no_grad():
+            inv = _PerDevice(inv_scale)
+            for (device, _), group in self.groups().items():
+                scratch = torch.zeros((), dtype=torch.float32, device=device)
+                kernels.check_(group.tensors, scratch, inv.get(device), backend=group.backend)
+        self.refresh_versions()
+
+    def local_norm(self, norm_type: float, device: torch.device, scale_by: torch.Tensor | None) -> torch.Tensor:
         """This rank's share of the global norm, as a 0-dim float32 norm (not a power).
 
         Per-tensor norms are stacked and normed again, in (device, dtype) group order, which is
@@ -240,8 +251,10 @@ class GradSet:
         counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None and g.norm_tensor.numel()]
         per_tensor: list[torch.Tensor] = []
         with torch.no_grad():
+            # torch's multi-tensor norm, unless the reference backend was chosen (see kernels.norms).
+            backend: kernels.Backend = "reference" if self.kernel == "reference" else "torch"
             for tensors in _group(counted).values():
-                per_tensor.extend(n.to(device) for n in kernels.norms(tensors, norm_type, kernel))
+                per_tensor.extend(n.to(device) for n in kernels.norms(tensors, norm_type, backend))
             if not per_tensor:
                 return torch.zeros((), dtype=torch.float32, device=device)
             total = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
@@ -257,6 +270,6 @@ class GradSet:
         like ``torch.nn.utils.clip_grad_norm_`` so results match it bitwise. No host sync."""
         self._fused_norm = None
         with torch.no_grad():
-            for (device, _), members in self.groups().items():
-                torch._foreach_mul_([g.tensor for g in members], factor.to(device))
+            for (device, _), group in self.groups().items():
+                torch._foreach_mul_(group.tensors, factor.to(device))
         self.refresh_versions()

@@ -1,47 +1,45 @@
 """GradScaler: torch.amp.GradScaler's API, one skip decision and one collective per step.
 
-Per optimizer step (between two ``update()`` calls) the façade:
+The whole contract of the class is here: construction and presets, scaling the loss, the step
+API (each public method is torch's stage checks plus one call into :mod:`distscale.engine`, which
+owns every per-optimizer transition), the rule and the metrics applied in ``update()``,
+persistence and pickling. Per optimizer step (between two ``update()`` calls):
 
-1. checks each optimizer's *local* gradients for inf/NaN (and unscales them in place unless the
+1. each optimizer's *local* gradients are checked for inf/NaN (and unscaled in place unless the
    optimizer is fused and takes ``grad_scale``): :mod:`distscale.overflow`, no communication;
-2. at the first point that needs a job-wide answer (``step``, ``clip_grad_norm_``, ``update``)
-   issues **one** collective carrying every checked optimizer's flag and, when clipping, its
-   norm: :mod:`distscale.collectives`. Every rank issues it, whatever its local values;
-3. skips or applies each optimizer's update on that job-wide flag: zero host syncs for fused
+2. the first call that needs a job-wide answer (``step``, ``clip_grad_norm_``, ``update``) issues
+   **one** collective carrying every checked optimizer's flag and, when clipping, its norm:
+   :mod:`distscale.collectives`. Every rank issues it, whatever its local values;
+3. each optimizer's update is skipped or applied on that job-wide flag: zero host syncs for fused
    optimizers (``grad_scale``/``found_inf`` stay on the device), one ``tolist()`` per step
    otherwise;
-4. applies the pure rule of :mod:`distscale.policy` in ``update()``.
-
-With several optimizers, the scaler remembers which optimizers (and clip norm types) the last
-step used; on the next step it checks all of them at the first collective. Gradients that change
-afterwards (another backward, ``zero_grad``) are detected through their version counters and
-checked again, at the cost of a second collective in that step, never of a wrong decision.
+4. ``update()`` applies the pure rule of :mod:`distscale.policy` and advances the metrics of
+   :mod:`distscale.stats` on the step's outcome.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Self
 
-from distscale import kernels, pipelining, policy, stats
-from distscale._iteration import Batch, OptState
-from distscale._scaler_metrics import MetricsMixin
-from distscale._scaler_presets import PresetsMixin
-from distscale._scaler_state import StateMixin
-from distscale._step import StepSync
-from distscale.collectives import Packed, ReduceGroup
+from distscale import checkpoint, fields, kernels, pipelining, policy, presets, stats
+from distscale.collectives import ReduceGroup
 from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
+from distscale.diagnostics import OverflowReport
+from distscale.engine import OptState, StepEngine
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.layout import Layout
-from distscale.overflow import GradSet
+from distscale.stats import StepOutcome
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -51,11 +49,7 @@ __all__ = ["GradScaler", "OptState"]
 _FIX = "This may indicate your script did not use scaler.scale(loss or outputs) earlier in the iteration."
 
 
-def _fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-
-
-class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
+class GradScaler:
     """Dynamic loss scaler for fp16 training on one process or many.
 
     A drop-in for ``torch.amp.GradScaler`` and ``ShardedGradScaler``: same arguments, defaults,
@@ -169,11 +163,11 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
             self._enabled = False
         self._reducer = ReduceGroup(process_group)
         self._kernel = kernel
-        self._sync = StepSync(
+        self._engine = StepEngine(
             self._reducer,
             kernel,
-            check_consistency,
             layout=Layout(mesh, replicate_dims, process_group),
+            check_every=check_consistency,
             underflow_every=underflow_every,
             overflow_diagnostics=overflow_diagnostics,
         )
@@ -184,6 +178,51 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         self._skipped_host: bool | None = False  # the last step's skip, when already on the host
         self._initialized = False
         self._min_event_host_seen = 0
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def from_deepspeed_config(cls, config: Mapping[str, Any], device: str = "cuda", **overrides: Any) -> Self:
+        """A scaler whose scale follows DeepSpeed's fp16 loss scaling for ``config``.
+
+        ``config``: a DeepSpeed config dict, whole or its ``"fp16"`` section; semantics in
+        :func:`distscale.presets.deepspeed`. Raises at the minimum scale as ZeRO does
+        (``on_min_scale="clamp"`` overrides). ``overrides``: any GradScaler keyword argument.
+        """
+        return cls(device, **{**presets.deepspeed(config), **overrides})
+
+    @classmethod
+    def from_megatron(cls, device: str = "cuda", **kwargs: Any) -> Self:
+        """A scaler following Megatron-core's ``DynamicGradScaler`` (or ``ConstantGradScaler``).
+
+        ``kwargs``: Megatron's names (``loss_scale``, ``initial_loss_scale``, ``min_loss_scale``,
+        ``loss_scale_window``, ``hysteresis``, ``growth_factor``, ``backoff_factor``; Megatron's
+        defaults) and any other GradScaler keyword argument. See :func:`distscale.presets.megatron`.
+        """
+        return cls._from_preset(presets.megatron, device, kwargs)
+
+    @classmethod
+    def from_fairseq(cls, device: str = "cuda", **kwargs: Any) -> Self:
+        """A scaler following fairseq's ``DynamicLossScaler`` with fairseq-train's defaults.
+
+        ``kwargs``: fairseq's names (``init_scale``, ``scale_factor``, ``scale_window``,
+        ``tolerance``, ``threshold``, ``min_loss_scale``, ``data_parallel_size``, ``update_freq``)
+        and any other GradScaler keyword argument. Without ``scale_window`` and
+        ``data_parallel_size``, the data-parallel size is the world size of ``process_group`` (or of
+        the default group) when torch.distributed is initialized, else 1: pass it under model
+        parallelism. See :func:`distscale.presets.fairseq`.
+        """
+        if "scale_window" not in kwargs and "data_parallel_size" not in kwargs:
+            group = kwargs.get("process_group")
+            initialized = dist.is_available() and dist.is_initialized()
+            kwargs = {**kwargs, "data_parallel_size": dist.get_world_size(group) if initialized else 1}
+        return cls._from_preset(presets.fairseq, device, kwargs)
+
+    @classmethod
+    def _from_preset(cls, build: Any, device: str, kwargs: dict[str, Any]) -> Self:
+        names = inspect.signature(build).parameters
+        settings = build(**{k: v for k, v in kwargs.items() if k in names})
+        return cls(device, **{**settings, **{k: v for k, v in kwargs.items() if k not in names}})
 
     # ------------------------------------------------------------------ scaling the loss
 
@@ -261,15 +300,14 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         if not self._enabled:
             return
         self._require_init("unscale_")
-        rec = self._sync.iteration.record(optimizer)
-        if rec.stage is OptState.UNSCALED:
+        stage = self._engine.record(optimizer).stage
+        if stage is OptState.UNSCALED:
             raise RuntimeError(
                 "unscale_() has already been called on this optimizer since the last update()."
             )
-        if rec.stage is OptState.STEPPED:
+        if stage is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        self._sync.check(rec, optimizer, self._state, unscale=True)
-        rec.stage = OptState.UNSCALED
+        self._engine.unscale_(optimizer, self._state)
 
     def clip_grad_norm_(
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
@@ -277,11 +315,13 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         """Clip ``optimizer``'s gradients to a global norm of ``max_norm``; return that norm.
 
         The norm is that of the *unscaled* gradients over the whole job, every element counted
-        once (see :mod:`distscale.sharding`). It travels in the step's single collective, with
-        the inf/NaN flags. For fused optimizers the gradients are only read; the clip
-        coefficient is folded into ``grad_scale`` at ``step``. Otherwise the gradients are
-        unscaled and clipped in place, exactly as ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``.
-        No host sync. Returns a 0-dim float32 tensor (inf/NaN when the step will be skipped).
+        once (see :mod:`distscale.sharding`; where that is unknown, ``ReplicationError`` on every
+        rank). It travels in the step's single collective, with the inf/NaN flags. For fused
+        optimizers the gradients are only read; the clip coefficient is folded into ``grad_scale``
+        at ``step``. Otherwise the gradients are unscaled and clipped in place, exactly as
+        ``unscale_`` + ``torch.nn.utils.clip_grad_norm_``. No host sync, except once on the first
+        clip after a parameter list changed (the layout check). Returns a 0-dim float32 tensor
+        (inf/NaN when the step will be skipped).
         """
         max_norm = float(max_norm)
         norm_type = float(norm_type)
@@ -290,53 +330,16 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}.")
         if not self._enabled:
-            return self._clip_unscaled(optimizer, max_norm, norm_type)
+            return self._engine.clip_unscaled(optimizer, max_norm, norm_type)
         self._require_init("clip_grad_norm_")
-        rec = self._sync.iteration.record(optimizer)
+        rec = self._engine.record(optimizer)
         if rec.clipped:
             raise RuntimeError(
                 "clip_grad_norm_() has already been called on this optimizer since the last update()."
             )
         if rec.stage is OptState.STEPPED:
             raise RuntimeError("clip_grad_norm_() is being called after step().")
-        unscale = rec.unscaled or not _fused(optimizer)
-        self._sync.check(rec, optimizer, self._state, unscale=unscale, norm_type=norm_type)
-        if rec.norm_type != norm_type:
-            rec.norm_type, rec.local_norm, rec.total_norm = norm_type, None, None
-        self._sync.reduce(self._state)
-        assert rec.total_norm is not None
-        coef = torch.clamp(max_norm / (rec.total_norm + 1e-6), max=1.0)
-        rec.clipped = True
-        if rec.unscaled:
-            rec.stage = OptState.UNSCALED
-            assert rec.grads is not None
-            rec.grads.mul_(coef)
-        else:
-            rec.clip_coef = coef
-        return rec.total_norm
-
-    def _clip_unscaled(
-        self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float
-    ) -> torch.Tensor:
-        # Disabled scaler (bf16/fp32 training): a plain shard-aware clip, one collective.
-        grads = GradSet(optimizer, self._sync.cache)
-        tensors = grads.tensors()
-        device = tensors[0].device if tensors else torch.device("cpu")  # a rank may hold no grads
-        local = grads.local_norm(norm_type, device, self._kernel, None)
-        if self._reducer.world_size == 1:
-            self._sync.verify_layout([grads], None)
-            total = local
-        else:
-            flags = [grads.unresolved_flag(device)]
-            if math.isinf(norm_type):
-                out = self._reducer.reduce(Packed(flags, [], [local]))
-                total = out.maxes[0]
-            else:
-                out = self._reducer.reduce(Packed(flags, [local**norm_type], []))
-                total = out.sums[0] ** (1.0 / norm_type)
-            self._sync.verify_layout([grads], Batch(torch.stack(out.flags)))
-        grads.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total
+        return self._engine.clip_grad_norm_(optimizer, self._state, max_norm, norm_type)
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Unscale (unless done), then apply ``optimizer.step(*args, **kwargs)`` unless any rank
@@ -353,75 +356,48 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
         self._require_init("step")
-        rec = self._sync.iteration.record(optimizer)
-        if rec.stage is OptState.STEPPED:
+        if self._engine.record(optimizer).stage is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
-        if _fused(optimizer):
-            self._sync.check(rec, optimizer, self._state, unscale=rec.unscaled)
-            self._sync.reduce(self._state)
-            user_scale = getattr(optimizer, "grad_scale", None)
-            if rec.unscaled:
-                grad_scale = user_scale
-            else:
-                grad_scale = self._state.scale if rec.clip_coef is None else self._state.scale / rec.clip_coef
-                if user_scale is not None:
-                    grad_scale = grad_scale * user_scale
-            optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
-            optimizer.found_inf = rec.found_inf  # type: ignore[attr-defined]
-            try:
-                retval = optimizer.step(*args, **kwargs)
-            finally:
-                del optimizer.grad_scale  # type: ignore[attr-defined]
-                del optimizer.found_inf  # type: ignore[attr-defined]
-            rec.stage = OptState.STEPPED
-            return retval
-        self._sync.check(rec, optimizer, self._state, unscale=True)
-        self._sync.apply_pending_clip(rec)
-        self._sync.reduce(self._state)
-        assert rec.batch is not None
-        retval = None
-        if not rec.batch.read()[rec.batch_index]:
-            retval = optimizer.step(*args, **kwargs)
-        rec.stage = OptState.STEPPED
-        return retval
+        return self._engine.step(optimizer, self._state, args, kwargs)
 
-    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+    def update(
+        self, new_scale: float | torch.Tensor | None = None, *, found_inf: bool | torch.Tensor | None = None
+    ) -> None:
         """Apply the scaling rule with the step's job-wide ``found_inf`` (or set ``new_scale``).
 
         All ranks compute the same new state and metrics (see ``metrics()``), in place on their
         tensors (CUDA-graph safe; one Triton launch on CUDA). ``update(new_scale)`` only sets the
-        scale: the rule and the metrics do not advance.
+        scale: the rule and the metrics do not advance. ``found_inf``: a job-wide overflow flag
+        decided elsewhere (a DeepSpeed engine's, see :mod:`distscale.deepspeed_engine`), instead of
+        this step's checks; every rank must pass the same value.
         Host syncs: none, except with ``on_min_scale`` "warn"/"raise" on steps whose flags
         were not already read by ``step`` (one read), and with ``overflow_diagnostics`` (see there).
         """
         if not self._enabled:
             return
-        self._require_init("update")
+        if found_inf is None:
+            self._require_init("update")
+        else:  # a step decided elsewhere needs no scale() first: the state stays where it is
+            self._lazy_init(self._state.scale.device)
+        if new_scale is not None and found_inf is not None:
+            raise ValueError("update() takes new_scale or found_inf, not both.")
         if new_scale is not None:
             self._set_scale(new_scale)
+            self._engine.end()
+            return
+        if found_inf is not None:
+            self._engine.end()
+            self._advance(_external_outcome(found_inf, self._state.scale.device))
         else:
-            records = [r for r in self._sync.iteration.records.values() if r.checked]
-            if not records:
+            if not self._engine.checked_any:
                 raise ScalerUsageError("No inf checks were recorded prior to update.")
-            self._sync.reduce(self._state)
-            found, outcome = self._step_outcome(records)
-            self._apply_rule(found, **outcome)
-        # Close the step before reporting, so a MinScaleError leaves a usable scaler behind.
-        self._sync.finish()
-        if new_scale is None:
-            self._report_min_scale()
+            self._advance(self._engine.finish(self._state))
+        # The step is closed before reporting, so a MinScaleError leaves a usable scaler behind.
+        self._report_min_scale()
 
-    def _apply_rule(
-        self,
-        found_inf: torch.Tensor,
-        *,
-        overflows: torch.Tensor | None = None,
-        grad_norm: torch.Tensor | None = None,
-        underflow: tuple[torch.Tensor, torch.Tensor] | None = None,
-        skipped_host: bool | None = None,
-    ) -> None:
-        # The rule on a job-wide found_inf, in place (also the entry point of the DeepSpeed
-        # adapter), then the stats. In place keeps CUDA-graph captures and user references valid.
+    def _advance(self, outcome: StepOutcome) -> None:
+        # The rule on a job-wide outcome, then the metrics, in place: CUDA-graph captures and user
+        # references to the state tensors stay valid.
         if kernels.backend(self._kernel, self._state.scale.device, torch.float32) == "triton":
             # One launch instead of ~40 tiny kernels; bitwise the torch rule below.
             from distscale.kernels import update_triton
@@ -429,28 +405,19 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
             update_triton.update_(
                 self._state,
                 self._stats,
-                found_inf,
+                outcome.found_inf,
                 self._config,
-                overflows=overflows,
-                grad_norm=grad_norm,
-                underflow=underflow,
+                overflows=outcome.overflows,
+                grad_norm=outcome.grad_norm,
+                underflow=outcome.underflow,
             )
         else:
-            new = policy.update(self._state, found_inf, self._config)
-            new_stats = stats.update_stats(
-                self._stats,
-                found_inf,
-                new.scale,
-                self._config,
-                overflows=overflows,
-                grad_norm=grad_norm,
-                underflow=underflow,
-            )
-            # One foreach copy writes every value back in place (CUDA-graph captures and user
-            # references to the state tensors stay valid).
+            new = policy.update(self._state, outcome.found_inf, self._config)
+            new_stats = stats.update_stats(self._stats, outcome, new.scale, self._config)
+            # One foreach copy writes every value back in place.
             torch._foreach_copy_([*self._state, *self._stats], [*new, *new_stats])
-        self._skipped_host = skipped_host
-        self._sync.num_updates_host += 1
+        self._skipped_host = outcome.skipped_host
+        self._engine.num_updates_host += 1
 
     def _set_scale(self, new_scale: float | torch.Tensor) -> None:
         if isinstance(new_scale, torch.Tensor):
@@ -492,6 +459,137 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
             raise MinScaleError(message + " HINT: lower min_scale, or use on_min_scale='clamp'.")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    # ------------------------------------------------------------------ what the scaler did
+
+    @property
+    def step_was_skipped(self) -> torch.Tensor:
+        """Whether the step closed by the last ``update()`` was skipped: a 0-dim bool tensor on the
+        scale's device, updated in place by each ``update()`` (clone it to keep a value).
+
+        No host sync: use it in device-side logic (see :func:`distscale.skip.ema_update_`).
+        """
+        return self._stats.step_was_skipped
+
+    def last_step_skipped(self) -> bool:
+        """``step_was_skipped`` as a Python bool (False when disabled).
+
+        Host sync: none when ``step`` already read the flags (optimizers that are not fused);
+        one ``item()`` otherwise.
+        """
+        if not self._enabled:
+            return False
+        if self._skipped_host is None:
+            self._skipped_host = bool(self._stats.step_was_skipped.item())  # host sync
+        return self._skipped_host
+
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """The metrics of ``metrics()`` as 0-dim device tensors (copies). No host sync."""
+        if not self._enabled:
+            return {}
+        st = self._state
+        named = {
+            "scale": st.scale,
+            "growth_tracker": st.growth_tracker,
+            "hysteresis_tracker": st.hysteresis_tracker,
+            "steps": st.num_updates,
+            "skipped_steps": st.num_skipped,
+            "min_scale_events": st.num_min_scale_events,
+            **self._stats._asdict(),
+        }
+        return {k: v.clone() for k, v in named.items()}
+
+    def metrics(self) -> dict[str, float | int | bool]:
+        """What the scaler did, as Python numbers. One host sync (one ``tolist()``); read it on the
+        steps you log, on any rank (every rank holds the same values). Empty when disabled.
+
+        Keys: ``scale``, ``growth_tracker``, ``hysteresis_tracker``, ``steps`` (updates applied),
+        ``skipped_steps``, ``min_scale_events`` and the counters of
+        :class:`~distscale.stats.ScalerStats` (``overflows``, ``consecutive_overflows``,
+        ``max_consecutive_overflows``, ``steps_since_overflow``, ``steps_at_min_scale``,
+        ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``; NaN: not
+        measured).
+        """
+        tensors = self.metric_tensors()
+        if not tensors:
+            return {}
+        return fields.to_host(tensors)  # host sync
+
+    @property
+    def last_overflow_report(self) -> OverflowReport | None:
+        """With ``overflow_diagnostics``: the findings of the last overflow step, on rank 0 of the
+        scaler's group (None on other ranks, and before any overflow)."""
+        return self._engine.last_overflow_report
+
+    def set_parameter_names(self, named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Name parameters in overflow reports and errors: a module (its ``named_parameters()``) or
+        ``(name, param)`` pairs. Without it, reports name optimizer positions. Local only."""
+        pairs = named.named_parameters() if isinstance(named, torch.nn.Module) else named
+        self._engine.parameter_names = {id(p): name for name, p in pairs}
+
+    def register_model(self, model: torch.nn.Module) -> None:
+        """Learn ``model``'s parameter names (``set_parameter_names``) and what its DDP and FSDP1
+        wrappers tell about which ranks hold copies of which parameters (their process groups,
+        which their tensors do not carry), for ``clip_grad_norm_`` (see :mod:`distscale.layout`).
+
+        Call it on every rank after wrapping, before the first step. Local only: no collective,
+        no host sync. Raises ValueError if a wrapper spans ranks outside the scaler's group.
+        """
+        self.set_parameter_names(model)
+        self._engine.classifications.layout.register_model(model, self._reducer.global_ranks)
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scaler's state as plain Python values (see :mod:`distscale.checkpoint`).
+
+        Empty when disabled, as torch. One host sync. Call it after ``update()``. The scaler is a
+        ``torch.distributed.checkpoint`` Stateful: every rank holds the same state.
+        """
+        if not self._enabled:
+            return {}
+        plain = fields.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
+        return checkpoint.build(
+            self._config,
+            {name: plain[name] for name in policy.ScaleState._fields},
+            {name: plain[name] for name in stats.ScalerStats._fields},
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from ``state_dict()`` (this format or torch.amp.GradScaler's).
+
+        Validates everything first: a bad state raises and leaves the scaler unchanged. Works
+        before the first ``scale()``. No-op when disabled, as torch.
+        """
+        if not self._enabled:
+            return
+        config, values, stat_values = checkpoint.validate(state_dict, self._config)
+        self._config = config
+        for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
+            tensor.fill_(values[name])
+        for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):
+            tensor.fill_(stat_values[name])
+        self._skipped_host = bool(stat_values["step_was_skipped"])
+        self._engine.num_updates_host = values["num_updates"]
+        self._min_event_host_seen = values["num_min_scale_events"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._engine.in_progress:
+            raise ScalerUsageError(
+                "A GradScaler instance may only be pickled at the beginning "
+                "of an iteration, or at the end after scaler.update()."
+            )
+        state = self.__dict__.copy()
+        state["_state"] = self._state.to("cpu")
+        state["_stats"] = self._stats.to("cpu")
+        state["_initialized"] = False
+        # Process groups do not pickle: an unpickled scaler reduces over the default group.
+        state["_reducer"] = ReduceGroup(None)
+        state["_engine"] = self._engine.fresh(state["_reducer"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ getters and setters
 
     def get_scale(self) -> float:
@@ -527,3 +625,15 @@ class GradScaler(PresetsMixin, MetricsMixin, StateMixin):
 
     def set_growth_interval(self, new_interval: int) -> None:
         self._config = replace(self._config, growth_interval=new_interval)
+
+
+def _external_outcome(found_inf: bool | torch.Tensor, device: torch.device) -> StepOutcome:
+    """A step decided elsewhere (``update(found_inf=...)``): its flag, on the state's device."""
+    if isinstance(found_inf, bool):
+        return StepOutcome(torch.tensor(float(found_inf), device=device), skipped_host=found_inf)
+    if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
+        raise TypeError(
+            "found_inf must be a bool or a 1-element tensor (> 0: the step overflowed), got "
+            f"{type(found_inf).__name__} {found_inf!r}."
+        )
+    return StepOutcome(found_inf.reshape(()).to(device=device, dtype=torch.float32))

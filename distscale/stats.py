@@ -21,7 +21,7 @@ from distscale import fields
 from distscale.config import ScalerConfig
 from distscale.fields import Field
 
-__all__ = ["STATS_DTYPES", "ScalerStats", "init_stats", "update_stats"]
+__all__ = ["STATS_DTYPES", "ScalerStats", "StepOutcome", "init_stats", "update_stats"]
 
 # Smallest magnitude that survives a cast to float16: 2**-25 rounds (to even) to zero, anything
 # above rounds to at least the smallest subnormal 2**-24.
@@ -62,25 +62,29 @@ def init_stats(device: torch.device | str = "cpu") -> ScalerStats:
     return fields.allocate(ScalerStats, ScalerConfig(), device)  # no field depends on the settings
 
 
-def update_stats(
-    stats: ScalerStats,
-    found_inf: torch.Tensor,
-    new_scale: torch.Tensor,
-    config: ScalerConfig,
-    *,
-    overflows: torch.Tensor | None = None,
-    grad_norm: torch.Tensor | None = None,
-    underflow: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> ScalerStats:
-    """Advance the counters by one update. Pure, no host sync.
+class StepOutcome(NamedTuple):
+    """What one step tells the rule and the metrics: job-wide values, identical on every rank."""
 
-    ``found_inf``: the step's job-wide flag (> 0: skipped). ``overflows``: how many optimizers
-    skipped (default: 1 if skipped). ``new_scale``: the scale after the rule. ``grad_norm``: the
-    step's reduced norm, None when it did not clip. ``underflow``: (zero, underflow) fractions on
-    monitor steps; the last reading is kept otherwise.
-    """
+    found_inf: torch.Tensor
+    """0-dim; > 0 when the step was skipped."""
+    overflows: torch.Tensor | None = None
+    """How many optimizers skipped (None: 1 if skipped)."""
+    grad_norm: torch.Tensor | None = None
+    """The step's reduced clip norm; None when it did not clip."""
+    underflow: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(zero, underflow) fractions on monitor steps; the last reading is kept otherwise."""
+    skipped_host: bool | None = None
+    """The skip, when already known on the host (None: not read; reading it is a sync)."""
+
+
+def update_stats(
+    stats: ScalerStats, outcome: StepOutcome, new_scale: torch.Tensor, config: ScalerConfig
+) -> ScalerStats:
+    """Advance the counters by one update (``new_scale``: the scale after the rule). Pure, no
+    host sync."""
     device = stats.overflows.device
-    found = found_inf.to(device) > 0
+    found = outcome.found_inf.to(device) > 0
+    overflows, grad_norm, underflow = outcome.overflows, outcome.grad_norm, outcome.underflow
     if overflows is None:
         overflows = found.to(torch.int64)
     consecutive = torch.where(found, stats.consecutive_overflows + 1, 0)

@@ -46,6 +46,20 @@ REL = 1e-5
 Layout = tuple[list[torch.Tensor], list[int] | None, int | None]  # tensors, norm_numels, block
 
 
+
+def check_group(
+    grads: list[torch.Tensor],
+    found_inf: torch.Tensor,
+    inv_scale: torch.Tensor | None,
+    norm_type: float | None = None,
+    kernel: str = "auto",
+    norm_numels: list[int] | None = None,
+) -> torch.Tensor | None:
+    """``kernels.check_`` on the backend ``kernel`` resolves to for this group."""
+    device, dtype = (grads[0].device, grads[0].dtype) if grads else (torch.device("cpu"), torch.float32)
+    backend = kernels.backend(kernel, device, dtype)
+    return kernels.check_(grads, found_inf, inv_scale, norm_type, backend=backend, norm_numels=norm_numels)
+
 def layout(name: str, dtype: torch.dtype, seed: int = 0) -> Layout:
     """Gradient lists by name: (tensors, norm_numels, block)."""
     gen = torch.Generator().manual_seed(seed)
@@ -245,7 +259,7 @@ def _run_special(name: str) -> str | None:
         grads[1][3] = INF
         ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
         f1, f2 = torch.zeros(()), torch.zeros(())
-        kernels.fused_check_(ours, f1, torch.tensor(INV), None, "auto")
+        check_group(ours, f1, torch.tensor(INV), None, "auto")
         torch._amp_foreach_non_finite_check_and_unscale_(theirs, f2, torch.tensor(INV))
         ok = torch.equal(f1, f2) and all(bits_equal(a, b) for a, b in zip(ours, theirs, strict=True))
         return None if ok else "auto on the CPU is not bitwise torch's op"
@@ -261,7 +275,7 @@ def _run_special(name: str) -> str | None:
     if name == "fallback-norm-type-1":
         grads = [torch.randn(50), torch.randn(3, 4)]
         before = [g.clone() for g in grads]
-        norm = kernels.fused_check_(grads, torch.zeros(()), torch.tensor(0.5), 1.0, "triton")
+        norm = check_group(grads, torch.zeros(()), torch.tensor(0.5), 1.0, "triton")
         want = reference_norm(before, None, 1.0)
         ok = norm is not None and norm_ok(float(norm), want)
         ok = ok and all(torch.equal(g, b * 0.5) for g, b in zip(grads, before, strict=True))
@@ -337,7 +351,7 @@ def _gradset_optimizer() -> torch.optim.Optimizer:
 def _gradset_fused_norm() -> str | None:
     from types import SimpleNamespace
 
-    from distscale.overflow import GradCache, GradSet
+    from distscale.overflow import ClassificationCache, GradSet
 
     # On one process every element counts; as rank 1 of 4 (no layout declared), only the flat
     # shard does: its sizes prove FSDP1 shards it over the 4 ranks, the plain tensors are unknown.
@@ -348,14 +362,14 @@ def _gradset_fused_norm() -> str | None:
                 results = []
                 for kernel in ("triton", "torch"):
                     opt = _gradset_optimizer()
-                    grads = GradSet(opt, GradCache(group=group))
+                    grads = GradSet(opt, ClassificationCache(group=group), kernel)
                     found = torch.zeros(())
                     inv = torch.tensor(0.25) if unscale else None
-                    grads.check_(found, inv, kernel, norm_type=norm_type)
+                    grads.check_(found, inv, norm_type)
                     if (grads._fused_norm is not None) != (kernel == "triton"):
                         return f"{kernel}: fused norm {'missing' if kernel == 'triton' else 'present'}"
                     scale_by = None if unscale else torch.tensor(0.25)
-                    norm = grads.local_norm(norm_type, torch.device("cpu"), kernel, scale_by)
+                    norm = grads.local_norm(norm_type, torch.device("cpu"), scale_by)
                     results.append(
                         (float(norm), found.item(), [p.grad.clone() for p in opt.param_groups[0]["params"]])
                     )
@@ -425,7 +439,7 @@ def test_auto_on_cpu_is_torch_bitwise() -> None:
         plant(tensors, "last", NAN)
         theirs = [t.clone() for t in tensors]
         f1, f2 = torch.zeros(()), torch.zeros(())
-        norm = kernels.fused_check_(tensors, f1, torch.tensor(INV), 2.0)
+        norm = check_group(tensors, f1, torch.tensor(INV), 2.0)
         torch._amp_foreach_non_finite_check_and_unscale_(theirs, f2, torch.tensor(INV))
         assert torch.equal(f1, f2) and f1.item() == 1.0
         assert all(bits_equal(a, b) for a, b in zip(tensors, theirs, strict=True))
@@ -437,12 +451,12 @@ def test_fused_check_fallback_semantics_on_cpu() -> None:
     tensors, counts, _ = layout("prefix", torch.float32)
     before = [t.clone() for t in tensors]
     found = torch.zeros(())
-    norm = kernels.fused_check_(tensors, found, torch.tensor(0.5), 2.0, "torch", norm_numels=counts)
+    norm = check_group(tensors, found, torch.tensor(0.5), 2.0, "torch", norm_numels=counts)
     assert norm is not None and norm_ok(float(norm), reference_norm(before, counts, 2.0))
     assert found.item() == 0.0
     assert all(torch.equal(t, b * 0.5) for t, b in zip(tensors, before, strict=True))
-    assert kernels.fused_check_([], found, None, None) is None
-    empty = kernels.fused_check_([], found, None, INF)
+    assert check_group([], found, None, None) is None
+    empty = check_group([], found, None, INF)
     assert empty is not None and float(empty) == 0.0
 
 
@@ -453,9 +467,9 @@ def test_fused_check_fallback_semantics_on_cpu() -> None:
 def test_triton_on_cpu_needs_the_interpreter() -> None:
     grads = [torch.randn(4)]
     with pytest.raises(ValueError, match=r"kernel='triton'.*TRITON_INTERPRET=1"):
-        kernels.check_and_unscale_(grads, torch.zeros(()), None, "triton")
+        check_group(grads, torch.zeros(()), None, None, "triton")
     with pytest.raises(ValueError, match="kernel='triton'"):
-        kernels.fused_check_(grads, torch.zeros(()), None, 2.0, "triton")
+        check_group(grads, torch.zeros(()), None, 2.0, "triton")
     scaler = GradScaler("cpu", kernel="triton")
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

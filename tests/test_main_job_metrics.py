@@ -33,7 +33,7 @@ def test_policy_selects_the_preset_with_the_jobs_scale_and_window(policy, expect
     config = scaler.config
     assert config.init_scale == 2.0**16 and config.growth_interval == 7
     assert {k: getattr(config, k) for k in expected} == expected
-    assert scaler._sync.overflow_diagnostics and scaler._sync.underflow_every == 10
+    assert scaler._engine.overflow_diagnostics and scaler._engine.underflow_every == 10
 
 
 def test_policy_deepspeed_needs_a_power_of_two_scale() -> None:

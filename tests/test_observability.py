@@ -207,7 +207,7 @@ def test_stats_are_checkpointed_and_resume_exactly() -> None:
     # torch.save(weights_only=True) takes it as is.
     clone = pickle.loads(pickle.dumps(scaler))
     assert clone.metrics() == pytest.approx(scaler.metrics(), nan_ok=True)
-    assert clone._sync.underflow_every == 2
+    assert clone._engine.underflow_every == 2
 
 
 def test_version_2_state_loads_with_fresh_stats() -> None:

@@ -70,7 +70,7 @@ def _rule_sequences(steps: int = 300) -> dict[str, str | None]:
             if rng.random() < 0.5:
                 kw["overflows"] = torch.tensor(int(found) * rng.randint(1, 3))
             ref_state = policy.update(ref_state, found, config)
-            ref_stats = stats.update_stats(ref_stats, found, ref_state.scale, config, **kw)
+            ref_stats = stats.update_stats(ref_stats, stats.StepOutcome(found, **kw), ref_state.scale, config)
             update_triton.update_(state, st, found, config, **kw)
             names = (*policy.ScaleState._fields, *stats.ScalerStats._fields)
             for a, b, field in zip((*ref_state, *ref_stats), (*state, *st), names, strict=True):

@@ -1,31 +1,34 @@
-"""Local gradient kernels behind one signature; the backend is chosen per (device, dtype) group.
+"""Local gradient kernels behind one entry point; the backend is resolved once per (device, dtype) group.
 
-``check_and_unscale_(grads, found_inf, inv_scale)``: sets ``found_inf`` to 1.0 if any element of
-``grads`` is inf/NaN (checked *before* scaling, as torch does) and multiplies ``grads`` in place
-by ``inv_scale`` (skipped when ``inv_scale`` is None). ``norms(grads, norm_type)``: per-tensor norms.
+``backend(kernel, device, dtype)`` resolves a ``kernel`` choice for one group to the backend that
+runs it: "triton", "torch" or "reference" (raising where the choice cannot run there).
 
-``fused_check_(grads, found_inf, inv_scale, norm_type, kernel, norm_numels=None)``: the same check
-(and unscale), and, when ``norm_type`` is not None, the group's ``norm_type`` norm of the values
-*as read* (before unscaling), counting only the first ``norm_numels[i]`` elements (row-major) of
-each tensor (default: all of them); returns it as a 0-dim float32 tensor on the grads' device
-(None without a norm; zero for an empty group). With the "triton" backend and a 2-norm or
-inf-norm this is one pass over the gradients; otherwise per-tensor norms are taken first, then the
-check runs (two passes). The Triton norm is accumulated in float32 per block and is not bitwise
-equal to torch's (relative error ~1e-6); its unscaled values and ``found_inf`` are bitwise equal.
+``check_(grads, found_inf, inv_scale, norm_type, backend=..., norm_numels=None)`` is the one entry
+point: it sets ``found_inf`` to 1.0 if any element of the group ``grads`` is inf/NaN (checked
+*before* scaling, as torch does), multiplies ``grads`` in place by ``inv_scale`` (skipped when
+``inv_scale`` is None: read-only), and, when ``norm_type`` is not None, returns the group's
+``norm_type`` norm of the values *as read* (before unscaling), counting only the first
+``norm_numels[i]`` elements (row-major) of each tensor (default: all), as a 0-dim float32 tensor
+on the grads' device (zero for an empty group; None without a norm). With the "triton" backend
+and a 2-norm or inf-norm this is one pass over the gradients; otherwise per-tensor norms are taken
+first, then the check runs (two passes). The Triton norm is accumulated in float32 per block and
+is not bitwise torch's (relative error ~1e-6); its unscaled values and ``found_inf`` are.
+``norms(grads, norm_type, backend)``: per-tensor norms (the separate pass).
 
 Backends:
 
-* "torch": torch's multi-tensor AMP op; its CUDA kernel has no bf16, so bf16 on CUDA falls back to
-  the reference.
+* "torch": torch's multi-tensor AMP op; its CUDA kernel has no bf16, so "auto" sends bf16 on CUDA
+  to the reference.
 * "reference": plain torch ops, the ground truth.
-* "triton": :mod:`distscale.kernels.triton_ops`, one launch per group (any dtype among float32,
-  float16, bfloat16). CUDA tensors only, except under ``TRITON_INTERPRET=1`` where it runs in
-  Triton's interpreter on CPU tensors only (for tests). ``norms`` keeps torch's per-tensor norms:
-  the fused pass yields only a group total.
-* "auto": "triton" for CUDA tensors when Triton imports (and is not in interpreter mode), else
-  "torch", so on CPU "auto" is exactly "torch".
+* "triton": :mod:`distscale.kernels.triton_ops`, one launch per group (float32, float16,
+  bfloat16). CUDA tensors only, except under ``TRITON_INTERPRET=1`` where it runs in Triton's
+  interpreter on CPU tensors only (for tests). ``norms`` keeps torch's per-tensor norms: the fused
+  pass yields only a group total.
+* "auto" (a choice, not a backend): "triton" for CUDA tensors when Triton imports (and is not in
+  interpreter mode), else "torch", so on CPU "auto" is exactly "torch".
 
-No backend syncs with the host.
+No backend syncs with the host. This package never imports :mod:`distscale.policy` or
+:mod:`distscale.stats` (checked by an import-linter contract): it sees tensors, not the rule.
 """
 
 from __future__ import annotations
@@ -41,19 +44,11 @@ import torch
 
 from distscale.kernels import reference, torch_ops
 
-Kernel = Literal["auto", "torch", "reference", "triton"]
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "reference", "triton")
+Backend = Literal["triton", "torch", "reference"]
 FUSED_NORM_TYPES: tuple[float, ...] = (2.0, math.inf)
 
-__all__ = [
-    "FUSED_NORM_TYPES",
-    "KERNEL_CHOICES",
-    "Kernel",
-    "backend",
-    "check_and_unscale_",
-    "fused_check_",
-    "norms",
-]
+__all__ = ["FUSED_NORM_TYPES", "KERNEL_CHOICES", "Backend", "backend", "check_", "norms"]
 
 _TRITON_MODULE = "distscale.kernels.triton_ops"
 
@@ -82,7 +77,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
-def backend(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
+def backend(kernel: str, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that ``kernel`` runs on for a (device, dtype) group: "triton", "torch" or
     "reference". Raises ValueError for an unknown kernel or "triton" where it cannot run, and
     ImportError (with the install command) for "triton" without Triton. No host sync."""
@@ -110,30 +105,15 @@ def backend(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
     return "torch" if torch_ops.supports(device, dtype) else "reference"
 
 
-def check_and_unscale_(
-    grads: list[torch.Tensor],
-    found_inf: torch.Tensor,
-    inv_scale: torch.Tensor | None,
-    kernel: str = "auto",
-) -> None:
-    """Check (and optionally unscale) one (device, dtype) group in place. No host sync."""
-    if not grads:
-        return
-    impl = backend(kernel, grads[0].device, grads[0].dtype)
-    if impl == "triton":
-        _triton_ops().fused_check_(grads, found_inf, inv_scale, None)
-        return
-    (reference if impl == "reference" else torch_ops).check_and_unscale_(grads, found_inf, inv_scale)
+def norms(grads: list[torch.Tensor], norm_type: float, backend: Backend) -> list[torch.Tensor]:
+    """Per-tensor ``norm_type`` norms (float32 for 16-bit grads). No host sync.
 
-
-def norms(grads: list[torch.Tensor], norm_type: float, kernel: str = "auto") -> list[torch.Tensor]:
-    """Per-tensor ``norm_type`` norms (float32 for 16-bit grads). No host sync."""
+    Only the "reference" backend has norms of its own: torch's multi-tensor norm serves the others
+    (every dtype on every device; the fused Triton pass yields group totals, not per-tensor norms).
+    """
     if not grads:
         return []
-    if kernel == "triton":
-        backend(kernel, grads[0].device, grads[0].dtype)  # the same errors as the check
-    impl = reference if kernel == "reference" else torch_ops
-    return impl.norms(grads, norm_type)
+    return (reference if backend == "reference" else torch_ops).norms(grads, norm_type)
 
 
 def _counted(grads: list[torch.Tensor], norm_numels: list[int] | None) -> list[torch.Tensor]:
@@ -142,29 +122,24 @@ def _counted(grads: list[torch.Tensor], norm_numels: list[int] | None) -> list[t
     return [g.reshape(-1)[:n] for g, n in zip(grads, norm_numels, strict=True) if n]
 
 
-def fused_check_(
+def check_(
     grads: list[torch.Tensor],
     found_inf: torch.Tensor,
     inv_scale: torch.Tensor | None,
     norm_type: float | None = None,
-    kernel: str = "auto",
     *,
+    backend: Backend,
     norm_numels: list[int] | None = None,
 ) -> torch.Tensor | None:
-    """Check (and unscale) one (device, dtype) group and return the norm of its values as read.
-
-    Semantics in the module docstring. Returns None when ``norm_type`` is None, else a 0-dim
-    float32 tensor on the grads' device (on ``found_inf``'s device for an empty group).
-    No host sync.
-    """
+    """Check (and unscale) one (device, dtype) group on ``backend``; return the norm of its values
+    as read when ``norm_type`` is given. Semantics in the module docstring. No host sync."""
     if norm_type is not None:
         norm_type = float(norm_type)
     if norm_numels is not None and len(norm_numels) != len(grads):
         raise ValueError(f"norm_numels has {len(norm_numels)} entries for {len(grads)} tensors.")
     if not grads:
         return None if norm_type is None else torch.zeros((), dtype=torch.float32, device=found_inf.device)
-    impl = backend(kernel, grads[0].device, grads[0].dtype)
-    if impl == "triton" and (norm_type is None or norm_type in FUSED_NORM_TYPES):
+    if backend == "triton" and (norm_type is None or norm_type in FUSED_NORM_TYPES):
         return _triton_ops().fused_check_(grads, found_inf, inv_scale, norm_type, norm_numels=norm_numels)
     total = None
     if norm_type is not None:
@@ -172,9 +147,12 @@ def fused_check_(
         counted = _counted(grads, norm_numels)
         with torch.no_grad():
             if counted:
-                per_tensor = norms(counted, norm_type, kernel)
+                per_tensor = norms(counted, norm_type, backend)
                 total = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type).float()
             else:
                 total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    check_and_unscale_(grads, found_inf, inv_scale, kernel)
+    if backend == "triton":  # a norm the fused pass does not take: check without it
+        _triton_ops().fused_check_(grads, found_inf, inv_scale, None)
+    else:
+        (reference if backend == "reference" else torch_ops).check_and_unscale_(grads, found_inf, inv_scale)
     return total

@@ -13,11 +13,11 @@ cached per device), so it can be captured in a CUDA graph once it has run eagerl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from distscale.config import ScalerConfig
-from distscale.policy import ScaleState
-from distscale.stats import ScalerStats
 
 try:
     import triton
@@ -146,8 +146,8 @@ def _consts(config: ScalerConfig, device: torch.device) -> torch.Tensor:
 
 
 def update_(
-    state: ScaleState,
-    stats: ScalerStats,
+    state: Sequence[torch.Tensor],
+    stats: Sequence[torch.Tensor],
     found_inf: torch.Tensor,
     config: ScalerConfig,
     *,
@@ -157,16 +157,16 @@ def update_(
 ) -> None:
     """``policy.update`` then ``stats.update_stats``, in place, in one launch. No host sync.
 
-    Inputs on another device are moved to the state's (no-ops in the scaler: they are already there).
+    ``state``, ``stats``: a ``ScaleState`` and a ``ScalerStats`` (their tensors, in declaration
+    order: the kernel's pointer list mirrors it). Inputs on another device are moved to the state's
+    (no-ops in the scaler: they are already there).
     """
-    device = state.scale.device
+    device = state[0].device
     found = found_inf.to(device).reshape(()).float()
     norm = grad_norm.to(device).reshape(()).float() if grad_norm is not None else found
     zero, under = (u.to(device).reshape(()) for u in underflow) if underflow is not None else (found, found)
     # Unread without HAS_STEP_OVF: any int64 pointer will do.
-    step_ovf = (
-        overflows.to(device).reshape(()).to(torch.int64) if overflows is not None else state.num_skipped
-    )
+    step_ovf = overflows.to(device).reshape(()).to(torch.int64) if overflows is not None else state[3]
     _update_kernel[(1,)](
         *state,
         *stats,

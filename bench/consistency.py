@@ -17,11 +17,12 @@ import json
 import pathlib
 import platform
 import sys
+from typing import Any
 
 import torch
 
+from distscale.testing import run_ranks
 from tests import dist_cases as dc
-from tests._dist import run_ranks
 
 SCALERS = ["distscale", "torch", "sharded"]
 VARIANT_NAMES = {
@@ -72,7 +73,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
         "| setup | variant | " + " | ".join(SCALERS) + " |",
         "|---|---|" + "---|" * len(SCALERS),
     ]
-    seen = {}
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         seen.setdefault((row["setup"], row["variant"]), {})[row["scaler"]] = row
     for (setup, variant), by_scaler in seen.items():

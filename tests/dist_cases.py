@@ -9,15 +9,13 @@ collectives issued by the scaler calls (``gloo:*`` profiler events) and the host
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 import distscale
-from tests._syncs import count_host_syncs
+from distscale.testing import count_collectives, count_host_syncs
 
 INF, NAN = float("inf"), float("nan")
 # step -> (rank, value): planted after backward, into that rank's first non-empty local grad.
@@ -155,13 +153,6 @@ def make_scaler(kind: str, **kwargs: Any) -> Any:
     raise ValueError(kind)
 
 
-@contextlib.contextmanager
-def count_collectives(counter: dict[str, int]) -> Iterator[None]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        yield
-    counter["n"] += sum(1 for e in prof.events() if e.name.startswith("gloo:"))
-
-
 def local_snapshot(model: nn.Module) -> list[torch.Tensor]:
     return [local_tensor(p.detach()).clone() for p in model.parameters()]
 
@@ -191,8 +182,7 @@ def train(
         for step in range(steps):
             forward_backward(model, scaler, opt, rank, dp_index, step, plants)
             before = local_snapshot(model)
-            colls = {"n": 0}
-            with count_collectives(colls), count_host_syncs() as reads:
+            with count_collectives() as colls, count_host_syncs() as reads:
                 if clip:
                     if scaler_kind == "distscale":
                         scaler.clip_grad_norm_(opt, 1.0)
@@ -206,7 +196,7 @@ def train(
             after = local_snapshot(model)
             out["stepped"].append(any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)))
             out["scales"].append(scaler.get_scale())
-            out["collectives"].append(colls["n"])
+            out["collectives"].append(sum(colls.values()))
             out["host_reads"].append(sum(reads.values()))
     except Exception as exc:  # a peer scaler failing is a measured outcome, not a test crash
         out["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
@@ -292,14 +282,13 @@ def job_multi_optimizer(rank: int, world: int) -> dict:
         scaler.scale(loss).backward()
         if step == 3 and rank == 0:  # rank 1 holds zero-size shards of head
             plant(model.head, INF)
-        colls = {"n": 0}
-        with count_collectives(colls), count_host_syncs() as reads:
+        with count_collectives() as colls, count_host_syncs() as reads:
             scaler.clip_grad_norm_(opt_a, 1.0)
             scaler.step(opt_a)
             scaler.step(opt_b)
             scaler.update()
         out["scales"].append(scaler.get_scale())
-        out["collectives"].append(colls["n"])
+        out["collectives"].append(sum(colls.values()))
         out["host_reads"].append(sum(reads.values()))
     return out
 
@@ -625,8 +614,7 @@ def job_observability(rank: int, world: int, setups: list[str], steps: int = 7) 
                 zeros = (full == 0).sum().item()
                 flush = ((full.abs() <= 2.0**-25) & (full != 0)).sum().item()
                 reference = (zeros / full.numel(), flush / full.numel())
-            colls = {"n": 0}
-            with count_collectives(colls):
+            with count_collectives() as colls:
                 norm = scaler.clip_grad_norm_(opt, 1.0)
                 scaler.step(opt)
                 scaler.update()
@@ -635,7 +623,7 @@ def job_observability(rank: int, world: int, setups: list[str], steps: int = 7) 
                 None if report is None else (report.step, [(g.rank, g.name, g.kind) for g in report.grads])
             )
             rec["metrics"].append(scaler.metrics())
-            rec["collectives"].append(colls["n"])
+            rec["collectives"].append(sum(colls.values()))
             rec["reference"].append(reference)
             rec["norms"].append(norm.item())
         out[setup] = rec

@@ -11,8 +11,7 @@ model-parallel coordinate (a plain tensor has the same name on every rank, and D
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distscale
-from tests._syncs import count_host_syncs
+from distscale.testing import count_collectives, count_host_syncs
 
 INF, NAN = float("inf"), float("nan")
 D = 16  # width of every layer
@@ -50,13 +49,6 @@ def make_optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
-@contextlib.contextmanager
-def count_collectives(counter: dict[str, int]) -> Iterator[None]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        yield
-    counter["n"] += sum(1 for e in prof.events() if e.name.startswith("gloo:"))
 
 
 def full_norm(grads: list[torch.Tensor], norm_type: float) -> float:
@@ -311,14 +303,13 @@ def _train_and_resume(
         opt.zero_grad()
         forward_backward(model, n)
         before = snapshot(model)
-        colls = {"n": 0}
-        with count_collectives(colls), count_host_syncs() as reads:
+        with count_collectives() as colls, count_host_syncs() as reads:
             scaler_step(opt, scaler)
         rec["stepped"].append(
             any(not torch.equal(a, b) for a, b in zip(before, snapshot(model), strict=True))
         )
         rec["states"].append(scaler.state_dict()["state"])
-        rec["collectives"].append(colls["n"])
+        rec["collectives"].append(sum(colls.values()))
         rec["host_reads"].append(sum(reads.values()))
         if n + 1 == RESUME_AT:
             dcp.save(_ckpt_state(module_of(model), opt, scaler, key), checkpoint_id=f"{workdir}/{name}")

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from distscale.testing import run_ranks
 from tests import dist_cases as dc
-from tests._dist import run_ranks
 
 pytestmark = pytest.mark.slow
 

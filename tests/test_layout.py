@@ -14,8 +14,8 @@ from torch import nn
 import distscale
 from distscale.layout import Layout, refusal
 from distscale.overflow import ClassificationCache, GradSet
+from distscale.testing import run_ranks
 from tests import layout_cases as lc
-from tests._dist import run_ranks
 
 PLANTS_PP = {1: 1, 3: 0}  # step -> rank of the pipeline cases (layout_cases._pipeline_train)
 

@@ -16,9 +16,8 @@ import distscale
 from distscale import diagnostics, stats
 from distscale.checkpoint import FORMAT_VERSION
 from distscale.skip import SkipAwareScheduler, ema_update_
+from distscale.testing import count_host_syncs, run_ranks
 from tests import dist_cases as dc
-from tests._dist import run_ranks
-from tests._syncs import count_host_syncs
 
 INF, NAN = float("inf"), float("nan")
 

@@ -9,7 +9,7 @@ import torch
 
 from distscale import ScalerConfig
 from distscale.policy import STATE_DTYPES, ScaleState, init_state, update
-from tests._syncs import SYNC_METHODS, count_host_syncs
+from distscale.testing import SYNC_METHODS, count_host_syncs
 
 INF = float("inf")
 

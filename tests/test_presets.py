@@ -20,8 +20,8 @@ import torch
 
 from distscale import GradScaler, MinScaleError, ScalerConfig, presets
 from distscale.policy import init_state, update
+from distscale.testing import run_ranks
 from tests import dist_cases as dc
-from tests._dist import run_ranks
 
 INF = float("inf")
 F32_TOP = 2.0**127  # the largest power of two in float32: distscale's growth stops there
@@ -588,7 +588,7 @@ def test_refuse_rule_by_hand_and_without_raise():
 
 
 def test_new_settings_keep_update_free_of_host_syncs():
-    from tests._syncs import count_host_syncs
+    from distscale.testing import count_host_syncs
 
     config = ScalerConfig(
         init_scale=64.0, tolerance=0.3, growth_delay=1, min_scale=1.0, min_scale_rule="refuse"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from distscale.policy import init_state, update
+from distscale.testing import run_ranks
 from tests import dist_cases as dc
-from tests._dist import run_ranks
 
 pytestmark = pytest.mark.slow
 

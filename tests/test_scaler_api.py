@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from distscale import GradScaler, ScalerUsageError, kernels
-from tests._syncs import count_host_syncs
+from distscale.testing import count_host_syncs
 
 INF = float("inf")
 NAN = float("nan")

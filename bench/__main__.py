@@ -1,4 +1,4 @@
-"""``python -m bench``: distscale and its peers side by side, verified, timed, checked against PERF.md.
+"""``python -m bench``: distscale and its peers side by side, verified, timed, checked against bench/PERF.md's targets (bench/targets.json).
 
     python -m bench                          # all scenarios at the device's sizes (CUDA if present)
     python -m bench --quick --out /tmp/b     # CPU smoke run, tiny sizes (well under a minute)
@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from bench import fullstep, multirank, ours, peers, report, runner, targets
+from bench import implementations, report, runner
 from bench import scenarios as sc
-from bench.impl import Impl
-from bench.timing import copy_bandwidth
+from bench import steps as whole_steps
+from bench.implementations import Impl
+from bench.measure import copy_bandwidth
 
 EXTRA_PARTS = ("step", "multirank")
 
@@ -128,8 +129,8 @@ def _triton_version() -> str:
 
 def select_impls(device: torch.device, names: list[str]) -> tuple[list[Impl], str]:
     """distscale rows (auto, plus triton where it runs) and the peers, filtered by ``names``."""
-    has_triton, why = ours.triton_available(device)
-    impls = ours.ours(ours.kernel_names(device), device) + peers.PEERS
+    has_triton, why = implementations.triton_available(device)
+    impls = implementations.ours(implementations.kernel_names(device), device) + implementations.PEERS
     if names:
         known = {i.name for i in impls}
         unknown = sorted(set(names) - known)
@@ -196,11 +197,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "step" in extras:
         for config in (profile.step, profile.step_many):
             if config is not None:
-                steps += fullstep.run_steps(device, **{**config, "steps": args.reps or config["steps"]})
+                steps += whole_steps.run_steps(device, **{**config, "steps": args.reps or config["steps"]})
     mr: dict[str, Any] | None = None
     if "multirank" in extras:
         try:
-            mr = multirank.run(world, profile.multirank, timeout=profile.timeout_s)
+            mr = whole_steps.run_multirank(world, profile.multirank, timeout=profile.timeout_s)
         except Exception as exc:  # a failed multi-rank job is reported, not fatal
             mr = {"world_size": world, "error": f"{type(exc).__name__}: {exc}"[:2000]}
             print(f"  multirank: {mr['error']}", flush=True)
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reps": reps,
             "warmup": profile.warmup,
             "variants": variants,
-            "kernel_api": ours.api_name(),
+            "kernel_api": implementations.api_name(),
             "triton_rows": triton_rows,
             "copy_bandwidth": copy,
             "load_avg_1min": {"start": load_start, "end": _load()},
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "multirank": mr,
     }
-    results["targets"] = targets.evaluate(rows, steps, mr, device.type)
+    results["targets"] = report.evaluate(rows, steps, mr, device.type)
     stem = (
         f"{date}-{device_slug(device)}"
         + ("-quick" if args.quick else "")

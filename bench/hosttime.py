@@ -33,7 +33,7 @@ def _median_ms(n: int, numel: int, kind: str, clip: bool, device: torch.device, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        if kind == "distscale" and clip:
+        if isinstance(scaler, distscale.GradScaler) and clip:
             scaler.clip_grad_norm_(opt, 1.0)
         else:
             scaler.unscale_(opt)

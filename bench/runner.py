@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from bench import measure
 from bench import scenarios as sc
-from bench import traffic
-from bench.counting import count_syncs, scratch_bytes
-from bench.impl import Context, Impl, Outcome, Scale
-from bench.timing import flush_buffer, synchronize, time_call
+from bench.implementations import Context, Impl, Outcome, Scale
+from bench.measure import flush_buffer, scratch_bytes, synchronize, time_call
+from distscale.testing import count_syncs
 
 RTOL = 1e-3
 VERIFY_INV = 0.5
@@ -75,7 +75,7 @@ def verify(
     return not problems, "; ".join(problems), values
 
 
-def measure(impl: Impl, variant: str, grads: list[torch.Tensor], ref: sc.Reference, ctx: Context,
+def measure_row(impl: Impl, variant: str, grads: list[torch.Tensor], ref: sc.Reference, ctx: Context,
             settings: Settings, flush: torch.Tensor | None) -> dict[str, Any]:  # fmt: skip
     """One row: build, run once counted and verified, then time."""
     row: dict[str, Any] = {"impl": impl.name, "family": impl.family, "mode": impl.mode, "status": "ok"}
@@ -108,9 +108,9 @@ def measure(impl: Impl, variant: str, grads: list[torch.Tensor], ref: sc.Referen
         row["traceback"] = traceback.format_exc(limit=4)
         return row
     overflow = ref.found_inf
-    nbytes = impl.traffic(traffic.Sizes.of(grads), overflow)
+    nbytes = impl.traffic(measure.Sizes.of(grads), overflow)
     row.update(device_ms=timing.device_ms, device_ms_min=timing.device_ms_min, host_ms=timing.host_ms,
-               reps=timing.reps, bytes=nbytes, gbs=traffic.gbs(nbytes, timing.device_ms))  # fmt: skip
+               reps=timing.reps, bytes=nbytes, gbs=measure.gbs(nbytes, timing.device_ms))  # fmt: skip
     return row
 
 
@@ -155,7 +155,7 @@ def run_scenario(scenario: sc.Scenario, impls: list[Impl], variants: list[str], 
             for impl in impls:
                 row = {**base, "variant": variant, "ref_found_inf": ref.found_inf,
                        "ref_norm": None if math.isnan(ref.norm) else ref.norm,
-                       **measure(impl, variant, grads, ref, ctx, settings, flush)}  # fmt: skip
+                       **measure_row(impl, variant, grads, ref, ctx, settings, flush)}  # fmt: skip
                 rows.append(row)
                 ms = row.get("device_ms")
                 timing = f"{ms:9.3f} ms" if ms is not None else f"{row['status']}: {row.get('detail', '')}"
@@ -179,9 +179,9 @@ def annotate(rows: list[dict[str, Any]], copy_gbs: float) -> None:
     for row in rows:
         if row.get("device_ms") is None:
             continue
-        row["pct_copy_bw"] = traffic.pct_of(row["gbs"], copy_gbs)
+        row["pct_copy_bw"] = measure.pct_of(row["gbs"], copy_gbs)
         if row["family"] == "distscale":
-            row["floor_ms"] = traffic.floor_ms(row["bytes"], copy_gbs)
+            row["floor_ms"] = measure.floor_ms(row["bytes"], copy_gbs)
             row["x_floor"] = row["device_ms"] / row["floor_ms"]
         peer = best.get((row["scenario"], row["variant"]))
         if peer is not None:

@@ -1,7 +1,7 @@
-"""The gradient lists of PERF.md (S1–S5) at GPU, CPU and quick sizes, and how to fill them.
+"""The gradient lists of bench/PERF.md (S1–S5) at GPU, CPU and quick sizes, and how to fill them.
 
 Shapes are generated from the architectures (GPT-2 124M: 148 tensors; Llama-2-7B: 291 tensors,
-full and as rank 0's FSDP2 ``Shard(0)`` piece of an 8-way shard). GPU sizes are PERF.md's; CPU
+full and as rank 0's FSDP2 ``Shard(0)`` piece of an 8-way shard). GPU sizes are bench/PERF.md's; CPU
 sizes keep the tensor counts and shrink the elements so a run fits in minutes on two cores.
 Every list is filled with normal random values (never zeros); a variant may then plant an inf in
 the first element of the first tensor or a NaN in the last element of the last tensor.

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from bench import peers, runner, targets, traffic
+from bench import implementations, measure, report, runner
 from bench import scenarios as sc
-from bench.impl import Context, Impl, Outcome, Scale
+from bench.implementations import Context, Impl, Outcome, Scale
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -95,44 +95,44 @@ def test_quick_run_report(quick: tuple[dict, str]) -> None:
     assert meta["copy_bandwidth"]["gbs"] > 0
     metrics = [t["metric"] for t in results["targets"]]
     assert len(metrics) == 9
-    allowed = {"met", "missed", targets.NA_CPU, targets.NOT_MEASURED}
+    allowed = {"met", "missed", report.NA_CPU, report.NOT_MEASURED}
     assert all(t["status"] in allowed for t in results["targets"])
     assert "## Targets" in md and "## Multi-rank" in md
 
 
 # ---------------------------------------------------------------------------- arithmetic
 
-BILLION_FP32 = traffic.Sizes(nbytes=4 * 10**9, elements=10**9)
+BILLION_FP32 = measure.Sizes(nbytes=4 * 10**9, elements=10**9)
 
 
 def test_bytes_model_matches_perf_md() -> None:
-    assert traffic.read_only(BILLION_FP32) == 4 * 10**9  # 4P
-    assert traffic.in_place(BILLION_FP32) == 8 * 10**9  # 8P
-    assert traffic.torch_chain(BILLION_FP32) == 20 * 10**9  # 20P
-    assert traffic.fused_check(BILLION_FP32) == 8 * 10**9  # 8P, it writes with inv_scale=1
-    assert traffic.megatron(BILLION_FP32, overflow=False) == 20 * 10**9
-    assert traffic.megatron(BILLION_FP32, overflow=True) == 8 * 10**9  # no norm, no clip
-    assert traffic.deepspeed(BILLION_FP32, overflow=True) == 8 * 10**9  # amax + amin reads
+    assert measure.read_only(BILLION_FP32) == 4 * 10**9  # 4P
+    assert measure.in_place(BILLION_FP32) == 8 * 10**9  # 8P
+    assert measure.torch_chain(BILLION_FP32) == 20 * 10**9  # 20P
+    assert measure.fused_check(BILLION_FP32) == 8 * 10**9  # 8P, it writes with inv_scale=1
+    assert measure.megatron(BILLION_FP32, overflow=False) == 20 * 10**9
+    assert measure.megatron(BILLION_FP32, overflow=True) == 8 * 10**9  # no norm, no clip
+    assert measure.deepspeed(BILLION_FP32, overflow=True) == 8 * 10**9  # amax + amin reads
 
 
 def test_bytes_model_16bit_and_mixed() -> None:
-    half = traffic.Sizes.of([torch.empty(1000, dtype=torch.float16)])
+    half = measure.Sizes.of([torch.empty(1000, dtype=torch.float16)])
     assert (half.nbytes, half.elements, half.converted) == (2000, 1000, 1000)
-    assert traffic.in_place(half) == 4000  # 4P for 16-bit grads
-    mixed = traffic.Sizes.of([torch.empty(10), torch.empty(10, dtype=torch.bfloat16)])
+    assert measure.in_place(half) == 4000  # 4P for 16-bit grads
+    mixed = measure.Sizes.of([torch.empty(10), torch.empty(10, dtype=torch.bfloat16)])
     assert (mixed.nbytes, mixed.converted) == (60, 10)
     # legacy check: read the bf16 tensor (20 B) and write its fp32 copy (40 B), then 22 B/element
-    assert traffic.deepspeed_legacy(mixed, overflow=True) == 20 + 40 + 22 * 20
+    assert measure.deepspeed_legacy(mixed, overflow=True) == 20 + 40 + 22 * 20
 
 
 def test_floor_and_bandwidth_arithmetic() -> None:
     bw = 3000.0  # GB/s, PERF.md's planning value
-    assert traffic.floor_ms(traffic.read_only(BILLION_FP32), bw) == pytest.approx(1.3333, rel=1e-4)
-    assert traffic.floor_ms(traffic.in_place(BILLION_FP32), bw) == pytest.approx(2.6667, rel=1e-4)
-    assert traffic.floor_ms(traffic.torch_chain(BILLION_FP32), bw) == pytest.approx(6.6667, rel=1e-4)
-    assert traffic.gbs(8e9, 2.0) == pytest.approx(4000.0)
-    assert traffic.copy_gbs(10**9, 1.0) == pytest.approx(2000.0)  # read + write
-    assert traffic.pct_of(1500.0, 3000.0) == pytest.approx(50.0)
+    assert measure.floor_ms(measure.read_only(BILLION_FP32), bw) == pytest.approx(1.3333, rel=1e-4)
+    assert measure.floor_ms(measure.in_place(BILLION_FP32), bw) == pytest.approx(2.6667, rel=1e-4)
+    assert measure.floor_ms(measure.torch_chain(BILLION_FP32), bw) == pytest.approx(6.6667, rel=1e-4)
+    assert measure.gbs(8e9, 2.0) == pytest.approx(4000.0)
+    assert measure.copy_gbs(10**9, 1.0) == pytest.approx(2000.0)  # read + write
+    assert measure.pct_of(1500.0, 3000.0) == pytest.approx(50.0)
 
 
 def _row(scenario: str, impl: str, ms: float, **kw) -> dict:
@@ -159,7 +159,7 @@ def _by_metric(results: list[dict]) -> dict[str, dict]:
 
 
 def test_targets_gpu_ratios_use_fastest_kernel_and_worst_scenario() -> None:
-    got = _by_metric(targets.evaluate(_gpu_rows(), [], None, "cuda"))
+    got = _by_metric(report.evaluate(_gpu_rows(), [], None, "cuda"))
     floor = got["fused check(+unscale)(+norm) time, P ≥ 100M"]
     assert floor["status"] == "met" and floor["measured"].startswith("1.05")  # 2.8 / 2.6667
     inplace = got["vs peer 1 chain, in-place mode"]
@@ -174,7 +174,7 @@ def test_targets_gpu_ratios_use_fastest_kernel_and_worst_scenario() -> None:
         _row("S2:b", "distscale-inplace", 5.0, x_floor=1.9),
         _row("S2:b", "torch-chain", 7.5),
     ]
-    got = _by_metric(targets.evaluate(rows, [], None, "cuda"))
+    got = _by_metric(report.evaluate(rows, [], None, "cuda"))
     assert got["vs peer 1 chain, in-place mode"]["status"] == "missed"
     assert got["vs peer 1 chain, in-place mode"]["measured"].startswith("1.50")
     assert got["fused check(+unscale)(+norm) time, P ≥ 100M"]["status"] == "missed"
@@ -201,7 +201,7 @@ def test_targets_host_syncs_collectives_scratch_multirank() -> None:
     ]
     mr = {"world_size": 4, "rows": [{"scaler": "distscale", "collectives_per_step": 1, "region_ms": 2.0},
                                     {"scaler": "sharded", "collectives_per_step": 3, "region_ms": 3.0}]}  # fmt: skip
-    got = _by_metric(targets.evaluate(host, steps, mr, "cuda"))
+    got = _by_metric(report.evaluate(host, steps, mr, "cuda"))
     assert got["host (CPU) time at 1k–10k tensors"]["status"] == "met"  # 1/4 ≤ 1/3
     assert got["host syncs per step"]["status"] == "met"
     assert got["collectives per step (found_inf + norm)"]["status"] == "met"
@@ -211,7 +211,7 @@ def test_targets_host_syncs_collectives_scratch_multirank() -> None:
     steps[1]["syncs"] = 1
     mr["rows"][0]["collectives_per_step"] = 2
     mr["rows"][0]["region_ms"] = 3.5
-    got = _by_metric(targets.evaluate(host, steps, mr, "cuda"))
+    got = _by_metric(report.evaluate(host, steps, mr, "cuda"))
     assert got["host syncs per step"]["status"] == "missed"
     assert got["collectives per step (found_inf + norm)"]["status"] == "missed"
     assert got["CPU multi-rank (gloo): full scaler step incl. clip"]["status"] == "missed"
@@ -219,13 +219,13 @@ def test_targets_host_syncs_collectives_scratch_multirank() -> None:
 
 def test_targets_on_cpu_gpu_only_are_not_applicable() -> None:
     rows = [dict(r, elements=1000) for r in _gpu_rows()]  # CPU lists are small: S1/S2 stand in
-    got = _by_metric(targets.evaluate(rows, [], None, "cpu"))
+    got = _by_metric(report.evaluate(rows, [], None, "cpu"))
     for metric in ("fused check(+unscale)(+norm) time, P ≥ 100M", "vs peer 1 chain, in-place mode",
                    "vs peer 2 check pass", "host (CPU) time at 1k–10k tensors", "scratch memory"):  # fmt: skip
-        assert got[metric]["status"] == targets.NA_CPU
+        assert got[metric]["status"] == report.NA_CPU
     assert got["vs peer 1 chain, in-place mode"]["measured"].startswith("2.50")  # still shown
-    assert got["host syncs per step"]["status"] == targets.NOT_MEASURED
-    assert got["collectives per step (found_inf + norm)"]["status"] == targets.NOT_MEASURED
+    assert got["host syncs per step"]["status"] == report.NOT_MEASURED
+    assert got["collectives per step (found_inf + norm)"]["status"] == report.NOT_MEASURED
 
 
 # ---------------------------------------------------------------------------- scenarios and verification
@@ -265,11 +265,11 @@ def test_a_wrong_implementation_is_reported_not_hidden() -> None:
         return run
 
     wrong = Impl(
-        "wrong", "misses inf/NaN", "peer", None, True, None, traffic.in_place, lambda r, i, m: i, build
+        "wrong", "misses inf/NaN", "peer", None, True, None, measure.in_place, lambda r, i, m: i, build
     )
     scen = sc.scenarios("quick")[0]
     settings = runner.Settings(reps=1, warmup=0, budget_s=0.0)
-    rows = runner.run_scenario(scen, [wrong, peers.PEERS[0]], list(sc.VARIANTS), torch.device("cpu"), settings,
+    rows = runner.run_scenario(scen, [wrong, implementations.PEERS[0]], list(sc.VARIANTS), torch.device("cpu"), settings,
                                log=lambda *_: None)  # fmt: skip
     status = {(r["variant"], r["impl"]): r["status"] for r in rows}
     assert status[("clean", "wrong")] == "ok"

@@ -115,6 +115,7 @@ def gather(local: list[NonFiniteGrad], reducer: ReduceGroup, step: int) -> Overf
     if world == 1:
         parts: list[list[NonFiniteGrad]] = [local]
     else:
+        assert group is not None  # several ranks: torch.distributed is initialized
         gathered: list[list[NonFiniteGrad]] | None = [[] for _ in range(world)] if rank == 0 else None
         dist.gather_object(local, gathered, dst=dist.get_global_rank(group, 0), group=group)
         if gathered is None:

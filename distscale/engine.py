@@ -360,8 +360,9 @@ class StepEngine:
             and step.num_collectives == 0
             and self.num_updates_host % self.check_every == 0
         )
+        local_flags = [r.local_found_inf for r in pending]
         contribution = Contribution(
-            flags=[*(r.local_found_inf for r in pending), *layout_flags],  # type: ignore[misc]
+            flags=[*local_flags, *layout_flags],  # type: ignore[list-item]  # checked: not None
             norms=[(r.local_norm, r.norm_type) for r in normed],  # type: ignore[misc]
             sums=[r.underflow for r in counted],  # type: ignore[misc]
             slots=consistency.fingerprint(state) if check else None,

@@ -293,6 +293,7 @@ def init_distributed(
         # per-attempt prefix: a restarted rank could read its peer's gloo address from the
         # failed attempt and hang or be refused. Namespace the keys by attempt.
         attempt = environ.get("TORCHELASTIC_RESTART_COUNT") or "0"
+        assert env.master_addr is not None and env.master_port is not None  # torchrun always sets both
         agent_store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"/distscale/attempt_{attempt}/", agent_store)
         dist.init_process_group(

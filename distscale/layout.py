@@ -284,7 +284,7 @@ def _fsdp1_owners(module: Any) -> list[tuple[torch.Tensor, Owners, bool]]:
         owners = Owners(ranks, dist.get_rank(replicate_group) == 0)
     else:  # FULL_SHARD, SHARD_GRAD_OP: each rank counts its own shard
         owners = _group_owners(shard_group, counted=True)
-    out = []
+    out: list[tuple[torch.Tensor, Owners, bool]] = []
     for param in module.params:  # what this unit manages (flat parameters, or original ones)
         flat = hasattr(param, "_unpadded_unsharded_size")
         originals = getattr(param, "_params", None) if flat else None

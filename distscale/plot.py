@@ -106,7 +106,7 @@ def _not_recorded(ax: Any, what: str) -> None:
 
 
 def _line_panel(
-    ax: Any, records: list[dict[str, Any]], key: str, color: str, log_when_positive: bool
+    ax: Any, records: Sequence[Mapping[str, Any]], key: str, color: str, log_when_positive: bool
 ) -> None:
     label = key.replace("_", " ")
     steps, values = _series(records, key)

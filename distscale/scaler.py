@@ -273,8 +273,8 @@ class GradScaler:
         """
         if self._enabled:
             if device is None:
-                index = torch.cuda.current_device() if self._device == "cuda" else None
-                device = torch.device(self._device, index)
+                cuda = self._device == "cuda"
+                device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(self._device)
             self._lazy_init(torch.device(device))
         return pipelining.ScaledLossFn(loss_fn, self._state.scale if self._enabled else None)
 

@@ -117,7 +117,7 @@ def classify(
             registered = layout.registered(param)
             special = False
             if dtensor is not None and isinstance(param, dtensor):
-                mesh = param.device_mesh
+                mesh = param.device_mesh  # type: ignore[attr-defined]  # DTensor, imported lazily
                 if id(mesh) not in ranks_of:
                     ranks_of[id(mesh)] = mesh_ranks(mesh)
                 owners, special, what = Owners(ranks_of[id(mesh)], True), True, "a DTensor"
@@ -185,7 +185,7 @@ def _special(param: torch.Tensor, grad: torch.Tensor, kind: int) -> LocalGrad:
     counted = kind in (COUNTED, SPECIAL)
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(grad, dtensor):
-        local = grad.to_local()
+        local = grad.to_local()  # type: ignore[attr-defined]  # DTensor, imported lazily
         return LocalGrad(local, grad, local if counted and _owns_dtensor(grad) else None)
     if grad.is_sparse:
         if grad.dtype is torch.float16 and not grad.is_coalesced():

@@ -182,6 +182,12 @@ class TensorBoardSink(_SinkBase):
     ``pip install "distscale[tensorboard]"``.
     """
 
+    _writer_cls: Any
+    log_dir: Path
+    prefix: str
+    flush_secs: float
+    _closed: bool
+
     def __init__(
         self, log_dir: str | os.PathLike[str], prefix: str = "scaler/", flush_secs: float = 30.0
     ) -> None:

@@ -101,6 +101,7 @@ def ema_update_(
         for (device, _), (targets, sources) in groups.items():
             if isinstance(skipped, torch.Tensor):
                 applied = (~skipped.to(device=device, dtype=torch.bool)).float()
-                torch._foreach_lerp_(targets, sources, applied * (1.0 - decay))
+                # A 0-dim tensor weight: the op takes it (no sync); torch's type stubs lack the overload.
+                torch._foreach_lerp_(targets, sources, applied * (1.0 - decay))  # type: ignore[call-overload]
             elif not skipped:
                 torch._foreach_lerp_(targets, sources, 1.0 - decay)

@@ -137,15 +137,16 @@ def _build(grads: list[torch.Tensor], counts: list[int], block: int | None) -> P
         first += n
     owner = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(blocks_per_span, dtype=torch.long))
     host = torch.cat([torch.tensor(rows, dtype=torch.int64), owner.to(torch.int64)])
+    pinned: torch.Tensor | None = None
     if device.type == "cuda":
         # Pinned + non_blocking: the copy is queued on the stream, no host sync.
-        host = host.pin_memory()
-        table = host.to(device, non_blocking=True)
+        pinned = host.pin_memory()
+        table = pinned.to(device, non_blocking=True)
     else:
-        table, host = host, None
+        table = host
     return Plan(
         table=table,
-        host_table=host,
+        host_table=pinned,
         n_spans=len(spans),
         n_blocks=first,
         block=block,

@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 __all__ = ["Contribution", "ReduceGroup", "Reduced"]
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated); older releases have only the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(slots=True)
 class Contribution:
@@ -142,8 +145,10 @@ class ReduceGroup:
                 table[self.rank] = c.slots.to(device=device, dtype=dtype)
                 buffer = torch.cat([head, table.reshape(-1)])
             if maxed and n_summed > len(c.flags):  # MAX would break sums: gather instead
-                gathered = torch.empty(world, buffer.numel(), dtype=dtype, device=device)
-                dist.all_gather_into_tensor(gathered, buffer, group=self.group)
+                # The concatenated form (world * n): gloo refuses the stacked (world, n) output.
+                flat = torch.empty(world * buffer.numel(), dtype=dtype, device=device)
+                _all_gather_single(flat, buffer, group=self.group)
+                gathered = flat.view(world, buffer.numel())
                 buffer = torch.cat(
                     [
                         gathered[:, :n_summed].sum(0),

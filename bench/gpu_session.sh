@@ -17,7 +17,7 @@ part="${1:-tests}"
 } | tee "$OUT/gpu-device-$part.txt"
 case "$part" in
 tests)
-    timeout 560 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_update_kernel.py tests/test_distributed.py \
+    timeout 560 python -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_ops.py tests/test_update_triton.py tests/test_scaler_distributed.py \
         2>&1 | tee "$OUT/gpu-tests.log" | tail -40
     ;;
 bench-a)

@@ -125,9 +125,8 @@ def reference_grads(dp_size: int, step: int) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters()]
 
 
-def job_pipeline(rank: int, world: int) -> dict[str, Any]:
-    """2 ranks, 2 pipeline stages (4 with the interleaved schedule). Returns per-check results."""
-    group = dist.group.WORLD
+def job_two_ranks(rank: int, world: int) -> dict[str, Any]:
+    """2 ranks holding different plain parameters, DDP, FSDP1: declared, derived or refused."""
     mesh = _mesh((world,), ("pp",))
     out: dict[str, Any] = {}
 
@@ -191,6 +190,14 @@ def job_pipeline(rank: int, world: int) -> dict[str, Any]:
             except distscale.ReplicationError as exc:
                 out[(name, registered)] = str(exc)
 
+    return out
+
+
+def job_pipeline(rank: int, world: int) -> dict[str, Any]:
+    """2 ranks, 2 pipeline stages (4 with the interleaved and V schedules): per-check results."""
+    group = dist.group.WORLD
+    mesh = _mesh((world,), ("pp",))
+    out: dict[str, Any] = {}
     for schedule in SCHEDULES:
         out[("exact", schedule)] = _pipeline_exactness(schedule, rank, world, group, mesh)
         for optimizer in ("sgd", "adamw_fused"):
@@ -740,3 +747,25 @@ LAYOUTS: dict[str, tuple[type[_Case], tuple[str, ...]]] = {
     "experts_dtensor": (ExpertParallelDTensor, ("sgd",)),
     "experts_submesh": (ExpertParallelSubMesh, ("adamw_fused",)),
 }
+
+
+# ---------------------------------------------------------------------------- the checks (parent side)
+
+
+def check_training(label: str, runs: list[dict[str, Any]], plants: dict[int, int], fused: bool) -> None:
+    """Every rank: the same states; skipped exactly on the planted steps with a backoff; one
+    collective per step; host reads (the first norm's layout check, then step()'s); resume."""
+    for r in runs[1:]:
+        assert r["states"] == runs[0]["states"], f"{label}: scale states differ across ranks"
+    scales = [2.0**10] + [s["scale"] for s in runs[0]["states"]]
+    for rank, r in enumerate(runs):
+        assert r["stepped"] == [n not in plants for n in range(STEPS)], f"{label} rank {rank}: {r['stepped']}"
+        assert r["collectives"] == [1] * STEPS, f"{label} rank {rank}: collectives {r['collectives']}"
+        reads = [1] + [0 if fused else 1] * (STEPS - 1)
+        assert r["host_reads"] == reads, f"{label} rank {rank}: host reads {r['host_reads']}"
+        assert r["resumed_states"] == r["states"][RESUME_AT:], f"{label} rank {rank}: resumed state"
+        assert all(torch.equal(a, b) for a, b in zip(r["final"], r["resumed_final"], strict=True)), (
+            f"{label} rank {rank}: resumed parameters differ"
+        )
+    for n in plants:
+        assert scales[n + 1] == scales[n] / 2, f"{label}: no backoff at step {n}: {scales}"

@@ -5,39 +5,18 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-import math
-import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import distscale
-from distscale import GradScaler, MinScaleError
+from distscale import GradScaler
 from distscale.checkpoint import FORMAT_VERSION
+from tests.tiny import make, one_step
 
 INF = float("inf")
 NAN = float("nan")
 TORCH_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
-
-
-def make(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def one_step(scaler, model, opt, step, overflow=False):
-    gen = torch.Generator().manual_seed(1000 + step)
-    opt.zero_grad(set_to_none=True)
-    loss = model(torch.randn(4, 6, generator=gen)).pow(2).mean()
-    scaler.scale(loss).backward()
-    if overflow:
-        with torch.no_grad():
-            model[0].weight.grad[1, 2] = INF
-    scaler.step(opt)
-    scaler.update()
-    return scaler.get_scale()
 
 
 def trained(overflows=(1, 4, 5), steps=8, **kwargs):
@@ -441,71 +420,6 @@ def test_empty_or_non_mapping_state(bad):
     assert target.state_dict() == before
 
 
-# ---------------------------------------------------------------------------- on_min_scale
-
-
-def _min_scale_run(on_min_scale, overflows):
-    """init 4, min 2, backoff 0.5: the 1st overflow backs off 4 -> 2 (no event), later ones find
-    the scale at the floor (an event each)."""
-    scaler = GradScaler("cpu", init_scale=4.0, min_scale=2.0, on_min_scale=on_min_scale)
-    model, opt = make()
-    return (
-        scaler,
-        model,
-        opt,
-        [lambda i=i: one_step(scaler, model, opt, i, overflow=True) for i in range(overflows)],
-    )
-
-
-def test_on_min_scale_raise():
-    scaler, _, _, steps = _min_scale_run("raise", 2)
-    assert steps[0]() == 2.0  # backoff to the floor: no event yet
-    with pytest.raises(MinScaleError, match="min_scale") as info:
-        steps[1]()
-    assert isinstance(info.value, RuntimeError)
-    assert scaler.get_scale() == 2.0
-    assert scaler.state_dict()["state"]["num_min_scale_events"] == 1
-
-
-def test_on_min_scale_raise_not_on_clean_steps_at_floor():
-    scaler = GradScaler("cpu", init_scale=2.0, min_scale=2.0, on_min_scale="raise", growth_interval=1000)
-    model, opt = make()
-    for step in range(3):
-        assert one_step(scaler, model, opt, step) == 2.0  # at the floor, but no overflow: silent
-
-
-def test_training_can_continue_after_min_scale_error():
-    scaler, model, opt, steps = _min_scale_run("raise", 2)
-    steps[0]()
-    with pytest.raises(MinScaleError):
-        steps[1]()
-    num_updates = scaler.state_dict()["state"]["num_updates"]
-    one_step(scaler, model, opt, 10)  # a clean step after the error
-    assert scaler.state_dict()["state"]["num_updates"] == num_updates + 1
-
-
-def test_on_min_scale_warn():
-    scaler, _, _, steps = _min_scale_run("warn", 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert steps[0]() == 2.0
-    with pytest.warns(RuntimeWarning, match="min_scale"):
-        assert steps[1]() == 2.0
-    with pytest.warns(RuntimeWarning, match="min_scale"):  # every event warns
-        assert steps[2]() == 2.0
-    assert scaler.state_dict()["state"]["num_min_scale_events"] == 2
-
-
-def test_on_min_scale_clamp_is_silent():
-    scaler, _, _, steps = _min_scale_run("clamp", 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        scales = [step() for step in steps]
-    assert scales == [2.0, 2.0, 2.0, 2.0]
-    state = scaler.state_dict()["state"]
-    assert state["num_min_scale_events"] == 3
-    assert state["num_skipped"] == 4
-    assert math.isclose(scaler.get_scale(), 2.0)
 
 
 @pytest.mark.parametrize("version", [True, 1.0, "1"])

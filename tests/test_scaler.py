@@ -1,7 +1,9 @@
-"""The GradScaler façade on one process: torch's API and misuse errors, host syncs, pickling, kernels."""
+"""The GradScaler façade on one process: torch's API and misuse errors, host syncs, pickling, kernels,
+and what a min-scale event does (on_min_scale)."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 
@@ -9,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from distscale import GradScaler, ScalerUsageError, kernels
+from distscale import GradScaler, MinScaleError, ScalerUsageError, kernels
 from distscale.testing import count_host_syncs
+from tests import tiny
 
 INF = float("inf")
 NAN = float("nan")
@@ -690,3 +693,70 @@ def test_param_group_added_mid_training_is_checked():
     scaler.update()
     assert scaler.last_step_skipped() and scaler.get_scale() == 2.0**9
     assert torch.equal(extra.detach(), torch.ones(3))
+
+
+# ---------------------------------------------------------------------------- on_min_scale
+
+
+def _min_scale_run(on_min_scale, overflows):
+    """init 4, min 2, backoff 0.5: the 1st overflow backs off 4 -> 2 (no event), later ones find
+    the scale at the floor (an event each)."""
+    scaler = GradScaler("cpu", init_scale=4.0, min_scale=2.0, on_min_scale=on_min_scale)
+    model, opt = tiny.make()
+    return (
+        scaler,
+        model,
+        opt,
+        [lambda i=i: tiny.one_step(scaler, model, opt, i, overflow=True) for i in range(overflows)],
+    )
+
+
+def test_on_min_scale_raise():
+    scaler, _, _, steps = _min_scale_run("raise", 2)
+    assert steps[0]() == 2.0  # backoff to the floor: no event yet
+    with pytest.raises(MinScaleError, match="min_scale") as info:
+        steps[1]()
+    assert isinstance(info.value, RuntimeError)
+    assert scaler.get_scale() == 2.0
+    assert scaler.state_dict()["state"]["num_min_scale_events"] == 1
+
+
+def test_on_min_scale_raise_not_on_clean_steps_at_floor():
+    scaler = GradScaler("cpu", init_scale=2.0, min_scale=2.0, on_min_scale="raise", growth_interval=1000)
+    model, opt = tiny.make()
+    for step in range(3):
+        assert tiny.one_step(scaler, model, opt, step) == 2.0  # at the floor, but no overflow: silent
+
+
+def test_training_can_continue_after_min_scale_error():
+    scaler, model, opt, steps = _min_scale_run("raise", 2)
+    steps[0]()
+    with pytest.raises(MinScaleError):
+        steps[1]()
+    num_updates = scaler.state_dict()["state"]["num_updates"]
+    tiny.one_step(scaler, model, opt, 10)  # a clean step after the error
+    assert scaler.state_dict()["state"]["num_updates"] == num_updates + 1
+
+
+def test_on_min_scale_warn():
+    scaler, _, _, steps = _min_scale_run("warn", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert steps[0]() == 2.0
+    with pytest.warns(RuntimeWarning, match="min_scale"):
+        assert steps[1]() == 2.0
+    with pytest.warns(RuntimeWarning, match="min_scale"):  # every event warns
+        assert steps[2]() == 2.0
+    assert scaler.state_dict()["state"]["num_min_scale_events"] == 2
+
+
+def test_on_min_scale_clamp_is_silent():
+    scaler, _, _, steps = _min_scale_run("clamp", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scales = [step() for step in steps]
+    assert scales == [2.0, 2.0, 2.0, 2.0]
+    state = scaler.state_dict()["state"]
+    assert state["num_min_scale_events"] == 3
+    assert state["num_skipped"] == 4
+    assert math.isclose(scaler.get_scale(), 2.0)

@@ -270,8 +270,8 @@ class StepEngine:
     def clip_unscaled(self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float) -> torch.Tensor:
         """A disabled scaler's clip (bf16/fp32 training): the shard-aware norm in one collective,
         then the clip in place. Outside any step."""
-        grads = GradSet(optimizer, self.classifications, self.kernel)
-        tensors = grads.tensors()
+        grads = GradSet(optimizer, self.classifications, self.kernel, track_changes=False)
+        tensors = grads.tensors
         device = tensors[0].device if tensors else torch.device("cpu")  # a rank may hold no grads
         local = grads.local_norm(norm_type, device, None)
         distributed = self.reducer.world_size > 1
@@ -310,12 +310,12 @@ class StepEngine:
                 self._fold_pending_clip(rec)
             return
         rec.invalidate()
-        rec.grads = GradSet(optimizer, self.classifications, self.kernel)
+        # Unscaled grads are never checked again, so only a read-only check tracks versions.
+        rec.grads = GradSet(optimizer, self.classifications, self.kernel, track_changes=not unscale)
         rec.local_found_inf = torch.zeros((), dtype=torch.float32, device=state.scale.device)
         if self._monitor_step():
             # Before the check unscales: the monitor looks at the scaled values.
-            owned = [g.norm_tensor for g in rec.grads.grads if g.norm_tensor is not None]
-            rec.underflow = underflow.count(owned, state.scale.device)
+            rec.underflow = underflow.count(rec.grads.counted(), state.scale.device)
         rec.grads.check_(rec.local_found_inf, inv_scale(state) if unscale else None, norm_type)
         rec.unscaled = unscale
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from distscale import kernels
 from distscale.layout import REPLICATE_DIMS_KEY, Layout
-from distscale.sharding import Classification, LocalGrad, classify, local_grads
+from distscale.sharding import COUNTED, Classification, LocalGrad, classify, local_grads
 
 __all__ = ["ClassificationCache", "GradSet", "GroupRanks"]
 
@@ -38,22 +39,33 @@ def _group(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
 class _Group(NamedTuple):
     """One (device, dtype) group of local grads and the kernel backend that runs it."""
 
-    grads: list[LocalGrad]
+    indices: Sequence[int]  # positions in the GradSet's lists
     tensors: list[torch.Tensor]
     backend: kernels.Backend
 
 
-def _counted_numel(g: LocalGrad) -> int | None:
-    """How many leading elements of ``g.tensor`` count toward the norm (None: not a prefix)."""
-    if g.norm_tensor is None:
+def _counted_numel(t: torch.Tensor, nt: torch.Tensor | None) -> int | None:
+    """How many leading elements of ``t`` count toward the norm (``nt``: the counted elements;
+    None: not a prefix)."""
+    if nt is None:
         return 0
-    if g.norm_tensor is g.tensor:
-        return g.tensor.numel()
-    nt, t = g.norm_tensor, g.tensor
+    if nt is t:
+        return t.numel()
     # FSDP1 flat params count their shard minus the padding: a contiguous prefix view.
     if nt.data_ptr() == t.data_ptr() and nt.is_contiguous() and t.is_contiguous() and nt.numel() <= t.numel():
         return nt.numel()
     return None
+
+
+_TYPE_OF, _LAYOUT_OF = type, operator.attrgetter("layout")
+_DEVICE_OF, _DTYPE_OF = operator.attrgetter("device"), operator.attrgetter("dtype")
+_VERSION_OF = operator.attrgetter("_version")
+_PLAIN_TYPES, _STRIDED = {torch.Tensor}, {torch.strided}
+
+
+def _all_plain(tensors: list[torch.Tensor]) -> bool:
+    # Per tensor a C-level map step each: the check costs two attribute reads, not a Python loop.
+    return set(map(_TYPE_OF, tensors)) <= _PLAIN_TYPES and set(map(_LAYOUT_OF, tensors)) <= _STRIDED
 
 
 class _PerDevice:
@@ -121,23 +133,56 @@ class ClassificationCache:
 
 class GradSet:
     """One optimizer's local gradients, as seen at one moment, checked with ``kernel``
-    (a :data:`~distscale.kernels.KERNEL_CHOICES` choice, resolved once per group)."""
+    (a :data:`~distscale.kernels.KERNEL_CHOICES` choice, resolved once per group).
+
+    Three aligned lists: ``tensors`` (local storage, checked and unscaled), ``sources``
+    (``param.grad`` itself) and ``norm_tensors`` (the elements this rank counts toward the norm, or
+    None). In the common case (every parameter a plain tensor of one counting kind, every grad a
+    plain strided tensor) they are built with a few C-level passes and no per-gradient record.
+
+    ``track_changes``: remember version counters after each write, so ``unchanged_since`` can tell
+    later whether someone else wrote the grads. Grads the step unscales are never checked again,
+    so only read-only checks (fused optimizers) need it.
+    """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, cache: ClassificationCache | None = None, kernel: str = "auto"
+        self,
+        optimizer: torch.optim.Optimizer,
+        cache: ClassificationCache | None = None,
+        kernel: str = "auto",
+        *,
+        track_changes: bool = True,
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.classification = (ClassificationCache() if cache is None else cache).classification(
-            optimizer, params
-        )
+        found = (ClassificationCache() if cache is None else cache).classification(optimizer, params)
+        self.classification = found
         self.param_groups = optimizer.param_groups  # to name unresolved parameters
         self.kernel = kernel
-        self.grads: list[LocalGrad] = local_grads(params, self.classification.kinds)
-        self._sources = [g.source for g in self.grads]
+        self.tracking = track_changes
+        present = [g for g in [p.grad for p in params] if g is not None]
+        if found.uniform is not None and _all_plain(present):
+            self.tensors = self.sources = present
+            self.norm_tensors: list[torch.Tensor | None] = (
+                present if found.uniform == COUNTED else [None] * len(present)
+            )
+        else:
+            local = local_grads(params, found.kinds)
+            self.tensors = [g.tensor for g in local]
+            self.sources = [g.source for g in local]
+            self.norm_tensors = [g.norm_tensor for g in local]
         self._groups: dict[GroupKey, _Group] | None = None
-        self._versions = self._snapshot()
+        self._versions: list[int] | None = self._snapshot() if track_changes else None
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None
+
+    @property
+    def grads(self) -> list[LocalGrad]:
+        """One :class:`~distscale.sharding.LocalGrad` per gradient (built on demand: diagnostics)."""
+        return list(map(LocalGrad, self.tensors, self.sources, self.norm_tensors))
+
+    def counted(self) -> list[torch.Tensor]:
+        """The elements this rank counts toward the norm, one tensor per counted gradient."""
+        return [n for n in self.norm_tensors if n is not None]
 
     def unresolved_flag(self, device: torch.device) -> torch.Tensor:
         """1.0 if this rank holds parameters whose counting rule is unknown, else 0.0 (0-dim)."""
@@ -145,35 +190,49 @@ class GradSet:
 
     def _snapshot(self) -> list[int]:
         # A local view shares its base's version counter, so the stored tensors see later writes.
-        return [g.tensor._version for g in self.grads]
+        return list(map(_VERSION_OF, self.tensors))
 
     def refresh_versions(self) -> None:
         """Record our own in-place writes, so they do not count as a change."""
         self._versions = self._snapshot()
 
+    def _wrote(self) -> None:
+        if self.tracking:
+            self.refresh_versions()
+
     def groups(self) -> dict[GroupKey, _Group]:
         """The grads by (device, dtype) with their backends, computed once: a GradSet's tensors
-        never change."""
+        never change. One group (the common case) costs two C-level passes."""
         if self._groups is None:
-            by_key: dict[GroupKey, list[LocalGrad]] = defaultdict(list)
-            for g in self.grads:
-                by_key[(g.tensor.device, g.tensor.dtype)].append(g)
-            self._groups = {
-                key: _Group(members, [g.tensor for g in members], kernels.backend(self.kernel, *key))
-                for key, members in by_key.items()
-            }
+            ts = self.tensors
+            devices, dtypes = set(map(_DEVICE_OF, ts)), set(map(_DTYPE_OF, ts))
+            if len(devices) == 1 and len(dtypes) == 1:
+                key = (next(iter(devices)), next(iter(dtypes)))
+                self._groups = {key: _Group(range(len(ts)), ts, kernels.backend(self.kernel, *key))}
+            else:
+                by_key: dict[GroupKey, list[int]] = defaultdict(list)
+                for i, t in enumerate(ts):
+                    by_key[(t.device, t.dtype)].append(i)
+                self._groups = {
+                    key: _Group(indices, [ts[i] for i in indices], kernels.backend(self.kernel, *key))
+                    for key, indices in by_key.items()
+                }
         return self._groups
 
     def _same_objects(self, optimizer: torch.optim.Optimizer) -> bool:
         current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        return len(current) == len(self._sources) and all(map(operator.is_, current, self._sources))
+        return len(current) == len(self.sources) and all(map(operator.is_, current, self.sources))
 
     def unchanged_since(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer``'s grads are still exactly the tensors and versions checked.
-
-        Reads only ``param.grad`` identities and version counters: no sharding work, no sync.
+        """Whether ``optimizer``'s grads are still exactly the tensors and versions checked (False
+        when versions were not tracked). Reads only ``param.grad`` identities and version
+        counters: no sharding work, no sync.
         """
-        return self._same_objects(optimizer) and self._snapshot() == self._versions
+        return (
+            self._versions is not None
+            and self._same_objects(optimizer)
+            and self._snapshot() == self._versions
+        )
 
     def check_(
         self, found_inf: torch.Tensor, inv_scale: torch.Tensor | None, norm_type: float | None = None
@@ -187,7 +246,15 @@ class GradSet:
         self._fused_norm = None
         groups = self.groups()
         fuse = norm_type in kernels.FUSED_NORM_TYPES and all(g.backend == "triton" for g in groups.values())
-        counts = {key: [_counted_numel(g) for g in group.grads] for key, group in groups.items()} if fuse else {}
+        nts = self.norm_tensors
+        counts = (
+            {
+                key: [_counted_numel(g.tensors[j], nts[i]) for j, i in enumerate(g.indices)]
+                for key, g in groups.items()
+            }
+            if fuse
+            else {}
+        )
         fuse = fuse and all(None not in c for c in counts.values())
         group_norms: list[torch.Tensor] = []
         with torch.no_grad():
@@ -220,7 +287,9 @@ class GradSet:
                     total if inv_scale is None else total * inv_scale.to(total.device),
                 )
         # torch's op rewrites every element even with inv_scale=1: our own writes are no change.
-        self.refresh_versions()
+        # A fused norm stays valid only while the values are those it read.
+        if self.tracking or fuse:
+            self.refresh_versions()
 
     def unscale_(self, inv_scale: torch.Tensor) -> None:
         """Multiply every local grad by ``inv_scale`` in place (grads already checked and
@@ -231,9 +300,11 @@ class GradSet:
             for (device, _), group in self.groups().items():
                 scratch = torch.zeros((), dtype=torch.float32, device=device)
                 kernels.check_(group.tensors, scratch, inv.get(device), backend=group.backend)
-        self.refresh_versions()
+        self._wrote()
 
-    def local_norm(self, norm_type: float, device: torch.device, scale_by: torch.Tensor | None) -> torch.Tensor:
+    def local_norm(
+        self, norm_type: float, device: torch.device, scale_by: torch.Tensor | None
+    ) -> torch.Tensor:
         """This rank's share of the global norm, as a 0-dim float32 norm (not a power).
 
         Per-tensor norms are stacked and normed again, in (device, dtype) group order, which is
@@ -248,7 +319,7 @@ class GradSet:
             total = self._fused_norm[1].to(device)
             return (total if scale_by is None else total * scale_by.to(device)).float()
         # Empty shards contribute nothing (and torch's inf-norm refuses them).
-        counted = [g.norm_tensor for g in self.grads if g.norm_tensor is not None and g.norm_tensor.numel()]
+        counted = [n for n in self.norm_tensors if n is not None and n.numel()]
         per_tensor: list[torch.Tensor] = []
         with torch.no_grad():
             # torch's multi-tensor norm, unless the reference backend was chosen (see kernels.norms).
@@ -262,9 +333,6 @@ class GradSet:
                 total = total * scale_by.to(device)
         return total.float()
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [g.tensor for g in self.grads]
-
     def mul_(self, factor: torch.Tensor) -> None:
         """Multiply every local grad by ``factor`` in place (the clip), grouped by (device, dtype)
         like ``torch.nn.utils.clip_grad_norm_`` so results match it bitwise. No host sync."""
@@ -272,4 +340,4 @@ class GradSet:
         with torch.no_grad():
             for (device, _), group in self.groups().items():
                 torch._foreach_mul_(group.tensors, factor.to(device))
-        self.refresh_versions()
+        self._wrote()

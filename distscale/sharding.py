@@ -43,7 +43,16 @@ import torch
 
 from distscale.layout import Layout, Owners, mesh_ranks
 
-__all__ = ["Classification", "LocalGrad", "classify", "local_grads"]
+__all__ = [
+    "COUNTED",
+    "ELSEWHERE",
+    "SPECIAL",
+    "UNRESOLVED",
+    "Classification",
+    "LocalGrad",
+    "classify",
+    "local_grads",
+]
 
 
 class LocalGrad(NamedTuple):
@@ -74,6 +83,8 @@ class Classification:
     """(param group index, index in the group, why) of each UNRESOLVED parameter."""
     verified: bool = False
     """Whether a collective already showed that no rank holds an unresolved parameter."""
+    uniform: int | None = None
+    """The kind shared by every parameter when none is SPECIAL (the lean path of GradSet), else None."""
 
 
 def _dtensor_type() -> type | None:
@@ -140,6 +151,8 @@ def classify(
                 out.kinds.append(ELSEWHERE)
             else:
                 out.kinds.append(SPECIAL if special else COUNTED)
+    kinds = set(out.kinds)
+    out.uniform = next(iter(kinds)) if len(kinds) == 1 and SPECIAL not in kinds else None
     return out
 
 

@@ -339,5 +339,6 @@ class GradSet:
         self._fused_norm = None
         with torch.no_grad():
             for (device, _), group in self.groups().items():
-                torch._foreach_mul_(group.tensors, factor.to(device))
+                # Elementwise: once per contiguous span, bitwise the per-tensor product.
+                torch._foreach_mul_(kernels.coalesce(group.tensors), factor.to(device))
         self._wrote()

@@ -1,4 +1,4 @@
-"""The fused check's span table (distscale.kernels._table) on the host, and the GPU tier of the
+"""The GPU tier of the
 Triton kernels (marker ``gpu``, skipped without CUDA): dtype x size x tensor count x planted value
 against the reference, no host sync during a full scaler step with a fused optimizer, CUDA-graph
 capture of a training step. The CPU tier of the kernel runs in Triton's interpreter:
@@ -13,21 +13,7 @@ import torch
 from torch import nn
 
 from distscale import GradScaler, kernels
-from distscale.kernels import _table
 from tests.kernel_cases import DTYPES, INF, MODES, NAN, PLANTS, check_case, layout, plant
-
-
-def test_span_merging() -> None:
-    # (address, numel, counted) with 4-byte elements.
-    spans = _table.merge_spans([(1000, 10, 10), (1040, 5, 0), (1060, 4, 4), (2000, 3, 3), (1076, 2, 1)], 4)
-    # 1000..1040 counted + 1040..1060 uncounted merge; 1060 does not (its counted elements would
-    # follow uncounted ones); 1060..1076 + 1076..1084 merge with a counted prefix of 5.
-    assert spans == [(1000, 15, 10), (1060, 6, 5), (2000, 3, 3)]
-    assert _table.merge_spans([(1000, 4, 4), (1008, 4, 4)], 4) == [
-        (1000, 4, 4),
-        (1008, 4, 4),
-    ]  # overlap
-
 
 # ---------------------------------------------------------------------------- GPU
 

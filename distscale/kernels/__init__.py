@@ -42,13 +42,15 @@ from typing import Literal
 
 import torch
 
-from distscale.kernels import reference, torch_ops
+from distscale.kernels import reference, spans, torch_ops
 
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "torch", "reference", "triton")
 Backend = Literal["triton", "torch", "reference"]
 FUSED_NORM_TYPES: tuple[float, ...] = (2.0, math.inf)
 
-__all__ = ["FUSED_NORM_TYPES", "KERNEL_CHOICES", "Backend", "backend", "check_", "norms"]
+__all__ = ["FUSED_NORM_TYPES", "KERNEL_CHOICES", "Backend", "backend", "check_", "coalesce", "norms"]
+
+coalesce = spans.coalesce
 
 _TRITON_MODULE = "distscale.kernels.triton_ops"
 
@@ -153,6 +155,7 @@ def check_(
                 total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
     if backend == "triton":  # a norm the fused pass does not take: check without it
         _triton_ops().fused_check_(grads, found_inf, inv_scale, None)
-    else:
-        (reference if backend == "reference" else torch_ops).check_and_unscale_(grads, found_inf, inv_scale)
+    else:  # elementwise: once per contiguous span (the Triton table merges spans itself)
+        impl = reference if backend == "reference" else torch_ops
+        impl.check_and_unscale_(spans.coalesce(grads), found_inf, inv_scale)
     return total

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ALIGN", "MAX_BLOCK_BYTES", "Plan", "clear_cache", "lookup", "merge_spans"]
+from distscale.kernels.spans import merge_spans
+
+__all__ = ["ALIGN", "MAX_BLOCK_BYTES", "Plan", "clear_cache", "lookup"]
 
 ALIGN = 16  # bytes; span bases are rounded down to this so that loads vectorize
 # Bytes one program reads: enough to hide latency, small enough for a tail of few idle blocks.
@@ -69,25 +71,6 @@ def _direct(t: torch.Tensor, counted: int) -> bool:
         return False
     # A counted prefix means a prefix in row-major order: memory order only if contiguous.
     return counted in (0, t.numel()) or t.is_contiguous()
-
-
-def merge_spans(sources: list[tuple[int, int, int]], elsize: int) -> list[tuple[int, int, int]]:
-    """Merge (address, numel, counted) spans that tile memory back to back.
-
-    A merged span must keep its counted elements a prefix: merge only after a fully counted
-    span, or a span that counts nothing.
-    """
-    merged: list[list[int]] = []
-    for ptr, numel, counted in sorted(sources):
-        if merged:
-            last = merged[-1]
-            adjacent = last[0] + last[1] * elsize == ptr
-            if adjacent and (last[2] == last[1] or counted == 0):
-                last[2] = last[1] + counted if last[2] == last[1] else last[2]
-                last[1] += numel
-                continue
-        merged.append([ptr, numel, counted])
-    return [(p, n, c) for p, n, c in merged]
 
 
 def _block_size(total: int, n_spans: int, elsize: int) -> int:

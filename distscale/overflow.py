@@ -166,10 +166,7 @@ class GradSet:
                 present if found.uniform == COUNTED else [None] * len(present)
             )
         else:
-            local = local_grads(params, found.kinds)
-            self.tensors = [g.tensor for g in local]
-            self.sources = [g.source for g in local]
-            self.norm_tensors = [g.norm_tensor for g in local]
+            self.tensors, self.sources, self.norm_tensors = local_grads(params, found.kinds)
         self._groups: dict[GroupKey, _Group] | None = None
         self._versions: list[int] | None = self._snapshot() if track_changes else None
         # (norm_type, local norm of the current values) from a fused check; None when stale.

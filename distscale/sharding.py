@@ -45,6 +45,8 @@ from distscale.layout import Layout, Owners, mesh_ranks
 
 __all__ = [
     "COUNTED",
+    "DTENSOR_NOT_OWNED",
+    "DTENSOR_OWNED",
     "ELSEWHERE",
     "SPECIAL",
     "UNRESOLVED",
@@ -67,11 +69,13 @@ class LocalGrad(NamedTuple):
 
 # How a parameter's grad counts here (decided once per parameter list, see ``classify``):
 # COUNTED: every local element; ELSEWHERE: none (another rank counts them); SPECIAL: by the
-# tensor's own rule, read per step (DTensor placements, FlatParameter padding); UNRESOLVED: none,
-# and nobody knows who does (the first norm raises).
-COUNTED, ELSEWHERE, SPECIAL, UNRESOLVED = 0, 1, 2, 3
+# tensor's own rule, read per step (FlatParameter padding, sparse values); UNRESOLVED: none, and
+# nobody knows who does (the first norm raises). DTENSOR_OWNED / DTENSOR_NOT_OWNED: a DTensor the
+# rule counts by placements, which the parameter's own placements give (this rank's shard counted,
+# or held by a replica); a grad whose placements differ from its parameter's is read per step.
+COUNTED, ELSEWHERE, SPECIAL, UNRESOLVED, DTENSOR_OWNED, DTENSOR_NOT_OWNED = 0, 1, 2, 3, 4, 5
+_BY_OWN_RULE = (SPECIAL, DTENSOR_OWNED, DTENSOR_NOT_OWNED)
 _STRIDED = torch.strided
-_new_tuple = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -84,7 +88,7 @@ class Classification:
     verified: bool = False
     """Whether a collective already showed that no rank holds an unresolved parameter."""
     uniform: int | None = None
-    """The kind shared by every parameter when none is SPECIAL (the lean path of GradSet), else None."""
+    """The kind shared by every parameter when all are plain tensors (the lean path of GradSet), else None."""
 
 
 def _dtensor_type() -> type | None:
@@ -127,8 +131,9 @@ def classify(
             owners: Owners | str
             registered = layout.registered(param)
             special = False
-            if dtensor is not None and isinstance(param, dtensor):
-                mesh = param.device_mesh  # type: ignore[attr-defined]  # DTensor, imported lazily
+            is_dtensor = dtensor is not None and isinstance(param, dtensor)
+            if is_dtensor:
+                mesh = param.device_mesh
                 if id(mesh) not in ranks_of:
                     ranks_of[id(mesh)] = mesh_ranks(mesh)
                 owners, special, what = Owners(ranks_of[id(mesh)], True), True, "a DTensor"
@@ -149,15 +154,21 @@ def classify(
                 out.unresolved.append((g, i, counting))
             elif not counting:
                 out.kinds.append(ELSEWHERE)
+            elif is_dtensor:
+                out.kinds.append(DTENSOR_OWNED if _owns_dtensor(param) else DTENSOR_NOT_OWNED)
             else:
                 out.kinds.append(SPECIAL if special else COUNTED)
     kinds = set(out.kinds)
-    out.uniform = next(iter(kinds)) if len(kinds) == 1 and SPECIAL not in kinds else None
+    out.uniform = next(iter(kinds)) if len(kinds) == 1 and kinds.isdisjoint(_BY_OWN_RULE) else None
     return out
 
 
-def local_grads(params: Sequence[torch.Tensor], kinds: Sequence[int]) -> list[LocalGrad]:
-    """Local gradients of ``params`` (params without a grad are skipped).
+def local_grads(
+    params: Sequence[torch.Tensor], kinds: Sequence[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]:
+    """Local gradients of ``params`` (params without a grad are skipped), as three aligned lists:
+    the local tensors (checked and unscaled in place), the ``param.grad`` objects, and the elements
+    this rank counts toward the norm (None: counted elsewhere, or unknown).
 
     Args:
         params: the optimizer's parameters, in order.
@@ -165,18 +176,32 @@ def local_grads(params: Sequence[torch.Tensor], kinds: Sequence[int]) -> list[Lo
 
     No host sync, no collective.
     """
-    out: list[LocalGrad] = []
+    tensors: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    counted: list[torch.Tensor | None] = []
+    dtensor = _dtensor_type()
     for param, kind in zip(params, kinds, strict=True):
         grad = param.grad
         if grad is None:
             continue
-        # The common case, in as few Python operations as possible (thousands of grads per step):
-        # tuple.__new__ skips the NamedTuple's Python-level __new__.
-        if kind != SPECIAL and type(grad) is torch.Tensor and grad.layout is _STRIDED:
-            out.append(_new_tuple(LocalGrad, (grad, grad, grad if kind == COUNTED else None)))
+        # The common cases, in as few Python operations as possible (thousands of grads per step).
+        if kind < SPECIAL and type(grad) is torch.Tensor and grad.layout is _STRIDED:
+            local, norm = grad, grad if kind == COUNTED else None
+        elif (
+            kind >= DTENSOR_OWNED
+            and type(grad) is dtensor
+            and grad.device_mesh is param.device_mesh  # type: ignore[attr-defined]
+            and grad.placements == param.placements  # type: ignore[attr-defined]
+        ):
+            # The local shard itself: to_local() is an autograd function (~4 us a call).
+            local = grad._local_tensor  # type: ignore[attr-defined]
+            norm = local if kind == DTENSOR_OWNED else None
         else:
-            out.append(_special(param, grad, kind))
-    return out
+            local, _, norm = _special(param, grad, kind)
+        tensors.append(local)
+        sources.append(grad)
+        counted.append(norm)
+    return tensors, sources, counted
 
 
 def _owns_dtensor(grad: Any) -> bool:
@@ -195,10 +220,11 @@ def _owns_dtensor(grad: Any) -> bool:
 
 
 def _special(param: torch.Tensor, grad: torch.Tensor, kind: int) -> LocalGrad:
-    counted = kind in (COUNTED, SPECIAL)
+    counted = kind == COUNTED or kind in _BY_OWN_RULE
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(grad, dtensor):
-        local = grad.to_local()  # type: ignore[attr-defined]  # DTensor, imported lazily
+        # The local shard itself (to_local() is an autograd function): read and written in place.
+        local = grad._local_tensor  # type: ignore[attr-defined]  # DTensor, imported lazily
         return LocalGrad(local, grad, local if counted and _owns_dtensor(grad) else None)
     if grad.is_sparse:
         if grad.dtype is torch.float16 and not grad.is_coalesced():

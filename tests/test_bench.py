@@ -294,3 +294,22 @@ def test_cli_filters_select_scenarios_parts_and_impls() -> None:
     assert triton_rows.startswith("no")
     with pytest.raises(SystemExit):
         select_impls(torch.device("cpu"), ["apex"])
+
+
+@pytest.mark.slow
+def test_hosttime_measures_every_layout_it_names() -> None:
+    """A tiny run of bench.hosttime over one-process and 2-rank layouts: rows for both paths,
+    positive times, the ratio and the target's verdict computed from them."""
+    from bench import hosttime
+
+    rows = hosttime.measure(["separate", "flat", "ddp"], [20], 8, torch.device("cpu"))
+    assert [(r["layout"], r["path"]) for r in rows] == [
+        (layout, path)
+        for layout in ("separate", "flat", "ddp")
+        for path in ("unscale_ + update", "clip + update")
+    ]
+    for r in rows:
+        assert r["distscale_ms"] > 0 and r["torch_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["distscale_ms"] / r["torch_ms"])
+        assert r["met"] == (r["ratio"] <= hosttime.TARGET[r["layout"]])
+    assert "| flat | 20 | clip + update |" in hosttime.to_markdown(rows, "header")

@@ -24,6 +24,7 @@ it was.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import replace
@@ -38,15 +39,16 @@ from distscale.stats import ScalerStats
 
 STATE_FIELDS = fields.fields(ScaleState)
 STATS_FIELDS = fields.fields(ScalerStats)
-# A field declared with a newer ``since`` raises the version: older checkpoints lack it.
-FORMAT_VERSION = max(f.since for f in (*STATE_FIELDS.values(), *STATS_FIELDS.values()))
+CONFIG_SINCE = {f.name: f.metadata.get("since", 1) for f in dataclasses.fields(ScalerConfig)}
+# A field or setting declared with a newer ``since`` raises the version: older checkpoints lack it.
+FORMAT_VERSION = max(
+    *(f.since for f in (*STATE_FIELDS.values(), *STATS_FIELDS.values())), *CONFIG_SINCE.values()
+)
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 STATS_SINCE = min(f.since for f in STATS_FIELDS.values())  # versions before have no "stats"
 TORCH_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
 TOP_KEYS = frozenset({"format_version", "config", "state"}) | TORCH_KEYS
-CONFIG_KEYS = frozenset(ScalerConfig.__dataclass_fields__)
-# Settings version 1 lacked; loading it gives them their defaults (the rule version 1 could express).
-V2_CONFIG_KEYS = frozenset({"min_scale_rule", "growth_delay", "tolerance"})
+CONFIG_KEYS = frozenset(CONFIG_SINCE)
 
 
 def _keys_in(record: dict[str, fields.Field], version: int) -> frozenset[str]:
@@ -160,7 +162,8 @@ def validate(
         if keys != top_keys:
             raise _keys_error("", keys, top_keys)
         cfg, raw = state_dict["config"], state_dict["state"]
-        config_keys = CONFIG_KEYS - V2_CONFIG_KEYS if version == 1 else CONFIG_KEYS
+        # Settings newer than the checkpoint take their defaults: the rule older versions expressed.
+        config_keys = frozenset(name for name, since in CONFIG_SINCE.items() if since <= version)
         state_keys = _keys_in(STATE_FIELDS, version)
         if not isinstance(cfg, Mapping) or set(cfg) != config_keys:
             raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), config_keys)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 OnMinScale = Literal["clamp", "raise", "warn"]
@@ -18,6 +18,10 @@ HysteresisRefill = Literal["growth", "clean_step"]
 HYSTERESIS_REFILL_CHOICES: tuple[str, ...] = ("growth", "clean_step")
 MinScaleRule = Literal["floor", "refuse"]
 MIN_SCALE_RULE_CHOICES: tuple[str, ...] = ("floor", "refuse")
+Rule = Literal["torch", "amax"]
+RULE_CHOICES: tuple[str, ...] = ("torch", "amax")
+FP16_MAX = 65504.0
+"""The largest finite float16: the ceiling the amax rule keeps the scaled gradients under."""
 
 
 def _require_number(name: str, value: object) -> float:
@@ -35,7 +39,10 @@ def _require_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ScalerConfig:
-    """The dynamic loss-scaling rule (pseudo-code in :mod:`distscale.policy`)."""
+    """The dynamic loss-scaling rule (pseudo-code in :mod:`distscale.policy`).
+
+    A setting's ``metadata["since"]`` is the checkpoint format version that introduced it (see
+    :mod:`distscale.checkpoint`): older checkpoints lack it and load with its default."""
 
     init_scale: float = 2.0**16
     """Scale before the first update. Finite and > 0."""
@@ -59,21 +66,32 @@ class ScalerConfig:
     on_min_scale: OnMinScale = "clamp"
     """What a min-scale event (see ``min_scale_rule``) does: "clamp" (nothing more: keep
     skipping), "warn" (also ``warnings.warn``) or "raise" (``MinScaleError`` on every rank)."""
-    min_scale_rule: MinScaleRule = "floor"
+    min_scale_rule: MinScaleRule = field(default="floor", metadata={"since": 2})
     """How ``min_scale`` bounds a backoff. "floor": the backoff is clamped at ``min_scale``; an
     overflow that backs off from a scale already at ``min_scale`` is a min-scale event
     (torch-style floor; DeepSpeed, Megatron). "refuse": an overflow after which the scale would be
     ``<= min_scale`` keeps the previous scale and is a min-scale event (fairseq's
     ``min_loss_scale``, which raises there)."""
-    growth_delay: int = 0
+    growth_delay: int = field(default=0, metadata={"since": 2})
     """Extra clean steps the first growth after an overflow (or after the start) waits for: the
     growth tracker restarts at ``-growth_delay``. 0 for torch, Megatron and fairseq; 1 for
     DeepSpeed, whose window counts from the overflowing iteration. >= 0."""
-    tolerance: float = 0.0
+    tolerance: float = field(default=0.0, metadata={"since": 2})
     """fairseq's ``tolerance``: an overflow backs off only if the overflows since the last backoff
     (this one included) make up at least this fraction of the steps since the last rescale
     (backoff or growth; this step included). 0 backs off on every overflow. Finite and >= 0;
     an alternative to ``hysteresis`` (the two cannot be combined)."""
+    rule: Rule = field(default="torch", metadata={"since": 4})
+    """When the scale grows. "torch": after ``growth_interval`` clean steps, blindly (torch,
+    DeepSpeed, Megatron, fairseq). "amax": from the largest scaled gradient magnitude (amax) the
+    check measures: the first clean step sets the scale to the largest power of two that leaves
+    ``amax_margin`` of fp16 headroom; later, after ``growth_interval`` clean steps, the scale grows
+    only if ``amax x growth_factor x amax_margin`` stays below fp16's maximum. Backoffs, bounds and
+    hysteresis as for "torch" (see :mod:`distscale.policy`)."""
+    amax_margin: float = field(default=2.0**8, metadata={"since": 4})
+    """The headroom the "amax" rule keeps between the largest scaled parameter gradient and fp16's
+    maximum (65504), as a factor > 1. Parameter gradients are smaller than the activation
+    gradients that overflow first in fp16 backward passes: the margin covers that gap."""
 
     def __post_init__(self) -> None:
         init_scale = _require_number("init_scale", self.init_scale)
@@ -138,8 +156,22 @@ class ScalerConfig:
                 "DeepSpeed and Megatron hysteresis)."
             )
 
+        if self.rule not in RULE_CHOICES:
+            raise ValueError(
+                f"rule must be one of {RULE_CHOICES}, got {self.rule!r}. HINT: 'torch' grows blindly "
+                "after growth_interval clean steps, 'amax' only when the gradients leave headroom."
+            )
+        margin = _require_number("amax_margin", self.amax_margin)
+        if not (math.isfinite(margin) and margin > 1.0):
+            raise ValueError(
+                f"amax_margin must be finite and > 1.0 (a factor of headroom below fp16's maximum), "
+                f"got {self.amax_margin!r}."
+            )
+
         # Store plain Python numbers (numpy scalars would not load with weights_only=True).
-        for name in ("init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale", "tolerance"):
+        for name in (
+            "init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale", "tolerance", "amax_margin"
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))

@@ -17,6 +17,7 @@ method here per public call; nothing else changes a record.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from enum import Enum
@@ -86,6 +87,8 @@ class OptRecord:
     clip_coef: torch.Tensor | None = None  # folded into grad_scale at a fused step
     underflow: torch.Tensor | None = None  # local (zeros, would_flush, total) on monitor steps
     underflow_reduced: torch.Tensor | None = None  # the same, summed over the group
+    local_amax: torch.Tensor | None = None  # largest |scaled grad| here (the "amax" rule only)
+    amax: torch.Tensor | None = None  # the same, the maximum over the group
 
     @property
     def checked(self) -> bool:
@@ -93,13 +96,18 @@ class OptRecord:
 
     @property
     def reduced(self) -> bool:
-        return self.found_inf is not None and (self.norm_type is None or self.total_norm is not None)
+        return (
+            self.found_inf is not None
+            and (self.norm_type is None or self.total_norm is not None)
+            and (self.local_amax is None or self.amax is not None)
+        )
 
     def invalidate(self) -> None:
         """The grads changed: everything derived from them must be computed again."""
         self.local_found_inf = self.found_inf = None
         self.local_norm = self.total_norm = None
         self.underflow = self.underflow_reduced = None
+        self.local_amax = self.amax = None
         self.reduced_flags = None
 
 
@@ -127,8 +135,10 @@ class StepEngine:
         check_every: int = 0,
         underflow_every: int = 0,
         overflow_diagnostics: bool = False,
+        measure_amax: bool = False,
     ) -> None:
         self.reducer = reducer
+        self.measure_amax = measure_amax  # the largest |scaled grad| per step, for the "amax" rule
         self.kernel = kernel
         self.check_every = check_every
         self.underflow_every = underflow_every
@@ -150,6 +160,7 @@ class StepEngine:
             check_every=self.check_every,
             underflow_every=self.underflow_every,
             overflow_diagnostics=self.overflow_diagnostics,
+            measure_amax=self.measure_amax,
         )
         engine.parameter_names = self.parameter_names
         return engine
@@ -203,7 +214,11 @@ class StepEngine:
         return rec.total_norm
 
     def step(
-        self, optimizer: torch.optim.Optimizer, state: ScaleState, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        optimizer: torch.optim.Optimizer,
+        state: ScaleState,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         """Apply ``optimizer.step(*args, **kwargs)`` unless any rank found inf/NaN in its grads.
 
@@ -252,11 +267,13 @@ class StepEngine:
             grad_norm = values[0] if len(norms) == 1 else torch.linalg.vector_norm(values, norms[0][1])
         counts = [rec.underflow_reduced for rec in records if rec.underflow_reduced is not None]
         under = underflow.fractions(torch.stack(counts).sum(0)) if counts else None
+        maxima = [rec.amax for rec in records if rec.amax is not None]
+        amax = torch.stack(maxima).amax() if maxima else None
         skipped = None  # known on the host only if step() already read every record's flags
         if all(rec.reduced_flags is not None and rec.reduced_flags.host is not None for rec in records):
             skipped = any(rec.reduced_flags.host[rec.flag_index] for rec in records)  # type: ignore[union-attr,index]
         self.end()
-        return StepOutcome(flags.sum(), (flags > 0).sum(), grad_norm, under, skipped)
+        return StepOutcome(flags.sum(), (flags > 0).sum(), grad_norm, under, skipped, amax)
 
     def end(self) -> None:
         """End the step without an outcome (``update(new_scale)``): remember what it used."""
@@ -267,7 +284,9 @@ class StepEngine:
         ]
         self._step = _Step()
 
-    def clip_unscaled(self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float) -> torch.Tensor:
+    def clip_unscaled(
+        self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float
+    ) -> torch.Tensor:
         """A disabled scaler's clip (bf16/fp32 training): the shard-aware norm in one collective,
         then the clip in place. Outside any step."""
         grads = GradSet(optimizer, self.classifications, self.kernel, track_changes=False)
@@ -276,7 +295,9 @@ class StepEngine:
         local = grads.local_norm(norm_type, device, None)
         distributed = self.reducer.world_size > 1
         reduced = self.reducer.reduce(
-            Contribution(flags=[grads.unresolved_flag(device)] if distributed else [], norms=[(local, norm_type)])
+            Contribution(
+                flags=[grads.unresolved_flag(device)] if distributed else [], norms=[(local, norm_type)]
+            )
         )
         self._verify_layout([grads], ReducedFlags(torch.stack(reduced.flags)) if distributed else None)
         total = reduced.norms[0]
@@ -316,7 +337,11 @@ class StepEngine:
         if self._monitor_step():
             # Before the check unscales: the monitor looks at the scaled values.
             rec.underflow = underflow.count(rec.grads.counted(), state.scale.device)
-        rec.grads.check_(rec.local_found_inf, inv_scale(state) if unscale else None, norm_type)
+        if self.measure_amax:  # read in the check's pass (Triton), before it unscales
+            rec.local_amax = torch.zeros((), dtype=torch.float32, device=state.scale.device)
+        rec.grads.check_(
+            rec.local_found_inf, inv_scale(state) if unscale else None, norm_type, rec.local_amax
+        )
         rec.unscaled = unscale
 
     @staticmethod
@@ -361,9 +386,12 @@ class StepEngine:
             and self.num_updates_host % self.check_every == 0
         )
         local_flags = [r.local_found_inf for r in pending]
+        maxed = [r for r in pending if r.local_amax is not None]
+        # amax travels as an inf-norm: an exact maximum (NaN made inf first, see collectives).
+        norms = [(r.local_norm, r.norm_type) for r in normed] + [(r.local_amax, math.inf) for r in maxed]
         contribution = Contribution(
             flags=[*local_flags, *layout_flags],  # type: ignore[list-item]  # checked: not None
-            norms=[(r.local_norm, r.norm_type) for r in normed],  # type: ignore[misc]
+            norms=norms,  # type: ignore[arg-type]  # computed above: not None
             sums=[r.underflow for r in counted],  # type: ignore[misc]
             slots=consistency.fingerprint(state) if check else None,
         )
@@ -374,8 +402,10 @@ class StepEngine:
         self._verify_layout(owned, flags if world > 1 else None, len(pending))  # type: ignore[arg-type]
         for rec, counts in zip(counted, reduced.sums, strict=True):
             rec.underflow_reduced = counts
-        for rec, norm in zip(normed, reduced.norms, strict=True):
+        for rec, norm in zip(normed, reduced.norms[: len(normed)], strict=True):
             rec.total_norm = norm
+        for rec, amax in zip(maxed, reduced.norms[len(normed) :], strict=True):
+            rec.amax = amax
         for index, (rec, flag) in enumerate(zip(pending, reduced.flags, strict=False)):
             rec.found_inf, rec.reduced_flags, rec.flag_index = flag, flags, index
         if reduced.slots is not None:
@@ -433,4 +463,3 @@ class StepEngine:
             rec = self.record(optimizer)
             self._check(rec, optimizer, state, unscale=False, norm_type=norm_type)
             rec.norm_type = norm_type
-

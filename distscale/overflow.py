@@ -80,8 +80,11 @@ class _PerDevice:
             self._copies[device] = self.master.to(device, non_blocking=True)
         return self._copies[device]
 
-    def values(self) -> list[torch.Tensor]:
-        return list(self._copies.values())
+    def max_into_master(self) -> None:
+        """Fold the other devices' copies into the master with a maximum (flags, amax)."""
+        for copy in self._copies.values():
+            if copy is not self.master:
+                self.master.copy_(torch.maximum(self.master, copy.to(self.master.device)))
 
 
 class GroupRanks(Protocol):
@@ -232,9 +235,14 @@ class GradSet:
         )
 
     def check_(
-        self, found_inf: torch.Tensor, inv_scale: torch.Tensor | None, norm_type: float | None = None
+        self,
+        found_inf: torch.Tensor,
+        inv_scale: torch.Tensor | None,
+        norm_type: float | None = None,
+        amax_out: torch.Tensor | None = None,
     ) -> None:
-        """Accumulate this rank's inf/NaN flag into ``found_inf`` and unscale if ``inv_scale``.
+        """Accumulate this rank's inf/NaN flag into ``found_inf`` and unscale if ``inv_scale``;
+        raise ``amax_out`` to the largest |gradient| as read (see :func:`distscale.kernels.check_`).
 
         ``norm_type``: the norm ``local_norm`` will be asked for; taken in the same pass when every
         group runs on the "triton" backend and it is 2 or inf (ignored otherwise).
@@ -257,6 +265,7 @@ class GradSet:
         with torch.no_grad():
             found = _PerDevice(found_inf)
             inv = None if inv_scale is None else _PerDevice(inv_scale)
+            amax = None if amax_out is None else _PerDevice(amax_out)
             for (device, dtype), group in groups.items():
                 norm = kernels.check_(
                     group.tensors,
@@ -265,12 +274,13 @@ class GradSet:
                     norm_type if fuse else None,
                     backend=group.backend,
                     norm_numels=counts[(device, dtype)] if fuse else None,  # type: ignore[arg-type]
+                    amax_out=None if amax is None else amax.get(device),
                 )
                 if norm is not None:
                     group_norms.append(norm.to(found_inf.device))
-            for copy in found.values():
-                if copy is not found_inf:
-                    found_inf.copy_(torch.maximum(found_inf, copy.to(found_inf.device)))
+            found.max_into_master()
+            if amax is not None:
+                amax.max_into_master()
             if fuse:
                 assert norm_type is not None
                 total = (

@@ -31,6 +31,20 @@ The rule, with ``found = found_inf > 0``::
     steps_since_rescale = 0 if backoff or growth else steps_since_rescale + 1
     overflows_since_backoff = 0 if backoff else overflows_since_backoff + found
 
+With ``rule="amax"`` (``amax``: the job-wide largest |scaled gradient| of the step, see
+:mod:`distscale.overflow`), growth is gated by the headroom it leaves, and the first clean step
+calibrates the scale::
+
+    measured = not found and isfinite(amax)
+    if measured and not calibrated and amax > 0:     # the first clean step picks the scale
+        scale = pow2_floor(scale * FP16_MAX / (amax * amax_margin)), within the bounds
+        calibrated = True; growth_tracker = 0
+    elif the growth above is due:                    # never blindly
+        grow only if measured and amax * growth_factor * amax_margin <= FP16_MAX
+
+(``pow2_floor``: the largest power of two not above, read off the float64 exponent bits, so the
+rule stays exact and the fused kernel computes the same bits.)
+
 With ``hysteresis=1`` and no bounds this is ``torch._amp_update_scale_`` step for step: products
 are taken in float64 and rounded once to float32, as torch's kernels do. The last two counters
 only feed ``tolerance``; they are kept (and checkpointed) whatever the settings, and a backoff
@@ -44,7 +58,7 @@ from typing import Annotated, NamedTuple
 import torch
 
 from distscale import fields
-from distscale.config import ScalerConfig
+from distscale.config import FP16_MAX, ScalerConfig
 from distscale.fields import Field
 
 __all__ = ["ScaleState", "init_state", "update"]
@@ -69,6 +83,8 @@ class ScaleState(NamedTuple):
     """Updates since the last backoff or growth."""
     overflows_since_backoff: Annotated[torch.Tensor, Field(torch.int64, 0, since=2)]
     """Overflows since the last backoff."""
+    calibrated: Annotated[torch.Tensor, Field(torch.int32, 0, since=4)]
+    """1 once the "amax" rule has set the scale from a measured amax (0 before; unused by "torch")."""
 
     def to(self, device: torch.device | str) -> ScaleState:
         return ScaleState(*(t.to(device) for t in self))
@@ -87,11 +103,23 @@ def _times(scale: torch.Tensor, factor: float) -> torch.Tensor:
     return (scale.double() * factor).float()
 
 
-def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> ScaleState:
-    """Apply one step of the rule. ``found_inf``: 0-dim float, > 0 when any gradient overflowed.
+EXPONENT_BITS = 0x7FF0000000000000  # of a float64: masking the mantissa away floors to a power of two
+_POW2_RANGE = (2.0**-126, 2.0**127)  # float32's normal powers of two
 
-    Pure: returns new tensors, never syncs. The caller guarantees that ``found_inf`` is the
-    job-wide value (already reduced across ranks), so all ranks stay identical.
+
+def pow2_floor(x: torch.Tensor) -> torch.Tensor:
+    """The largest power of two not above each positive, finite float64 ``x`` (bits, not log2)."""
+    return torch.bitwise_and(x.view(torch.int64), EXPONENT_BITS).view(torch.float64)
+
+
+def update(
+    state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig, amax: torch.Tensor | None = None
+) -> ScaleState:
+    """Apply one step of the rule. ``found_inf``: 0-dim float, > 0 when any gradient overflowed.
+    ``amax``: the step's largest |scaled gradient| (0-dim; the "amax" rule only; None: not measured).
+
+    Pure: returns new tensors, never syncs. The caller guarantees that ``found_inf`` and ``amax``
+    are job-wide values (already reduced across ranks), so all ranks stay identical.
     """
     scale, growth_tracker, hysteresis_tracker = state.scale, state.growth_tracker, state.hysteresis_tracker
     found = found_inf.to(scale.device) > 0
@@ -117,12 +145,20 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
 
     successful = growth_tracker + 1
     do_growth = ~found & (successful >= config.growth_interval)
+    calibrated = state.calibrated.clone()  # new tensors only: the caller copies them in place
+    if config.rule == "amax":
+        headroom, calibrate, calibrated_scale = _amax_rule(state, found, amax, config, min_scale, max_scale)
+        do_growth = do_growth & headroom & ~calibrate
+        calibrated = torch.where(calibrate, 1, calibrated)
     grown = _times(scale, config.growth_factor)
     grown_ok = do_growth & torch.isfinite(grown)
 
     new_scale = torch.where(
         apply_backoff, backed_off, torch.where(grown_ok, torch.clamp(grown, max=max_scale), scale)
     )
+    if config.rule == "amax":
+        new_scale = torch.where(calibrate, calibrated_scale, new_scale)
+        do_growth = do_growth | calibrate  # the tracker restarts, the hysteresis refills
     # Python scalars in torch.where keep the tensor's dtype and cost no extra kernel.
     if config.growth_delay == 0:
         new_growth_tracker = torch.where(found | do_growth, 0, successful)
@@ -144,4 +180,28 @@ def update(state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig) -> 
         num_min_scale_events=state.num_min_scale_events + min_event.to(torch.int64),
         steps_since_rescale=torch.where(do_backoff | do_growth, 0, steps + 1),
         overflows_since_backoff=torch.where(do_backoff, 0, overflows + found.to(overflows.dtype)),
+        calibrated=calibrated,
     )
+
+
+def _amax_rule(
+    state: ScaleState,
+    found: torch.Tensor,
+    amax: torch.Tensor | None,
+    config: ScalerConfig,
+    min_scale: float,
+    max_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (growth would leave the headroom, calibrate now, the calibrated scale).
+    device = state.scale.device
+    if amax is None:  # not measured: no calibration, no growth
+        never = torch.zeros((), dtype=torch.bool, device=device)
+        return never, never, state.scale
+    a = amax.to(device=device, dtype=torch.float64)
+    measured = ~found & torch.isfinite(a)
+    headroom = measured & (a * (config.growth_factor * config.amax_margin) <= FP16_MAX)
+    calibrate = measured & (a > 0) & (state.calibrated == 0)
+    # Headroom of margin for the largest scaled gradient: a power of two, within float32's range.
+    target = state.scale.double() * FP16_MAX / (a * config.amax_margin)
+    pow2 = pow2_floor(torch.clamp(torch.nan_to_num(target, nan=1.0), *_POW2_RANGE)).float()
+    return headroom, calibrate, torch.clamp(pow2, min=min_scale, max=max_scale)

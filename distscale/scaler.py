@@ -33,7 +33,7 @@ from typing_extensions import Self
 
 from distscale import checkpoint, fields, kernels, pipelining, policy, presets, stats
 from distscale.collectives import ReduceGroup
-from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, ScalerConfig
+from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, Rule, ScalerConfig
 from distscale.diagnostics import OverflowReport
 from distscale.engine import OptState, StepEngine
 from distscale.errors import MinScaleError, ScalerUsageError
@@ -68,6 +68,11 @@ class GradScaler:
         on_min_scale: "clamp", "warn" or "raise" on a min-scale event (see ``min_scale_rule``).
         min_scale_rule, growth_delay, tolerance: the rule variants the presets need (DeepSpeed,
             Megatron, fairseq; see :class:`~distscale.ScalerConfig` and :mod:`distscale.presets`).
+        rule, amax_margin: "torch" grows the scale blindly after ``growth_interval`` clean steps;
+            "amax" sets it from the largest scaled gradient the check measures (in its pass with
+            Triton, one more read otherwise), carried in the step's collective: the first clean
+            step picks the scale that leaves ``amax_margin`` of fp16 headroom, and the scale grows
+            only when the headroom allows it (see :class:`~distscale.ScalerConfig`).
         process_group: the ranks that share one skip decision; default: the world group once
             torch.distributed is initialized. Every rank of it must call the scaler's methods in
             the same order (they do in SPMD training).
@@ -111,6 +116,8 @@ class GradScaler:
         min_scale_rule: MinScaleRule = "floor",
         growth_delay: int = 0,
         tolerance: float = 0.0,
+        rule: Rule = "torch",
+        amax_margin: float = 2.0**8,
         process_group: dist.ProcessGroup | None = None,
         mesh: DeviceMesh | None = None,
         replicate_dims: Sequence[str] | None = None,
@@ -155,6 +162,8 @@ class GradScaler:
             min_scale_rule=min_scale_rule,
             growth_delay=growth_delay,
             tolerance=tolerance,
+            rule=rule,
+            amax_margin=amax_margin,
         )
         self._device = device
         self._enabled = enabled
@@ -170,6 +179,7 @@ class GradScaler:
             check_every=check_consistency,
             underflow_every=underflow_every,
             overflow_diagnostics=overflow_diagnostics,
+            measure_amax=self._config.rule == "amax",
         )
         # The state lives on the CPU until the first scale() moves it to the loss's device, so
         # load_state_dict() works before the first scale().
@@ -410,10 +420,11 @@ class GradScaler:
                 overflows=outcome.overflows,
                 grad_norm=outcome.grad_norm,
                 underflow=outcome.underflow,
+                amax=outcome.amax,
             )
         else:
-            new = policy.update(self._state, outcome.found_inf, self._config)
-            new_stats = stats.update_stats(self._stats, outcome, new.scale, self._config)
+            new = policy.update(self._state, outcome.found_inf, self._config, outcome.amax)
+            new_stats = stats.update_stats(self._stats, outcome, self._state, new, self._config)
             # One foreach copy writes every value back in place.
             torch._foreach_copy_([*self._state, *self._stats], [*new, *new_stats])
         self._skipped_host = outcome.skipped_host
@@ -564,6 +575,7 @@ class GradScaler:
             return
         config, values, stat_values = checkpoint.validate(state_dict, self._config)
         self._config = config
+        self._engine.measure_amax = config.rule == "amax"
         for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
             tensor.fill_(values[name])
         for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):

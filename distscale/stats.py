@@ -13,15 +13,18 @@ the scale healthy?").
 from __future__ import annotations
 
 import math
-from typing import Annotated, NamedTuple
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import torch
 
 from distscale import fields
-from distscale.config import ScalerConfig
+from distscale.config import FP16_MAX, ScalerConfig
 from distscale.fields import Field
 
-__all__ = ["STATS_DTYPES", "ScalerStats", "StepOutcome", "init_stats", "update_stats"]
+if TYPE_CHECKING:
+    from distscale.policy import ScaleState
+
+__all__ = ["SCALE_CHANGES", "STATS_DTYPES", "ScalerStats", "StepOutcome", "headroom_log2", "init_stats", "update_stats"]
 
 # Smallest magnitude that survives a cast to float16: 2**-25 rounds (to even) to zero, anything
 # above rounds to at least the smallest subnormal 2**-24.
@@ -50,12 +53,24 @@ class ScalerStats(NamedTuple):
     """Last underflow-monitor reading (see underflow.py)."""
     underflow_fraction: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=3)]
     """Idem."""
+    amax: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=4)]
+    """The step's job-wide largest |scaled gradient|; NaN if not measured (only the "amax" rule
+    measures it) or the step was skipped."""
+    headroom_log2: Annotated[torch.Tensor, Field(torch.float32, math.nan, since=4)]
+    """floor(log2(65504 / amax)): doublings of the scale fp16 had left at the largest gradient."""
+    scale_change: Annotated[torch.Tensor, Field(torch.int64, 0, since=4)]
+    """What the last update did to the scale: an index into ``SCALE_CHANGES``."""
 
     def to(self, device: torch.device | str) -> ScalerStats:
         return ScalerStats(*(t.to(device) for t in self))
 
 
 STATS_DTYPES = fields.dtypes(ScalerStats)
+
+
+SCALE_CHANGES = ("unchanged", "grew", "backed_off", "calibrated", "held_at_min")
+"""``scale_change`` codes: the rule grew the scale, backed it off, set it from a measured amax
+(the "amax" rule's first clean step), or an overflow found it at ``min_scale`` (a min-scale event)."""
 
 
 def init_stats(device: torch.device | str = "cpu") -> ScalerStats:
@@ -75,14 +90,26 @@ class StepOutcome(NamedTuple):
     """(zero, underflow) fractions on monitor steps; the last reading is kept otherwise."""
     skipped_host: bool | None = None
     """The skip, when already known on the host (None: not read; reading it is a sync)."""
+    amax: torch.Tensor | None = None
+    """The step's job-wide largest |scaled gradient| (None: not measured)."""
+
+
+def headroom_log2(amax: torch.Tensor) -> torch.Tensor:
+    """floor(log2(65504 / amax)) as float32, read off the float64 exponent bits (exact, and the
+    same bits in the fused kernel); +inf for amax 0, NaN for NaN."""
+    ratio = FP16_MAX / amax.to(torch.float64)
+    exponent = (torch.bitwise_right_shift(ratio.view(torch.int64), 52) & 0x7FF) - 1023
+    value = torch.where(amax == 0, float("inf"), exponent.to(torch.float32))
+    return torch.where(torch.isnan(amax), float("nan"), value)
 
 
 def update_stats(
-    stats: ScalerStats, outcome: StepOutcome, new_scale: torch.Tensor, config: ScalerConfig
+    stats: ScalerStats, outcome: StepOutcome, old: ScaleState, new: ScaleState, config: ScalerConfig
 ) -> ScalerStats:
-    """Advance the counters by one update (``new_scale``: the scale after the rule). Pure, no
-    host sync."""
+    """Advance the counters by one update (``old``/``new``: the rule's state before and after).
+    Pure, no host sync."""
     device = stats.overflows.device
+    new_scale = new.scale
     found = outcome.found_inf.to(device) > 0
     overflows, grad_norm, underflow = outcome.overflows, outcome.grad_norm, outcome.underflow
     if overflows is None:
@@ -93,6 +120,7 @@ def update_stats(
     else:
         at_min = (new_scale.to(device) <= config.min_scale).to(torch.int64)
     nan = torch.full_like(stats.grad_norm, float("nan"))
+    amax = nan if outcome.amax is None else torch.where(found, nan, outcome.amax.to(device, torch.float32))
     zero_fraction, underflow_fraction = stats.zero_fraction, stats.underflow_fraction
     if underflow is not None:
         zero_fraction, underflow_fraction = (u.to(device=device, dtype=torch.float32) for u in underflow)
@@ -106,4 +134,14 @@ def update_stats(
         grad_norm=nan if grad_norm is None else grad_norm.to(device=device, dtype=torch.float32),
         zero_fraction=zero_fraction,
         underflow_fraction=underflow_fraction,
+        amax=amax,
+        headroom_log2=headroom_log2(amax),
+        scale_change=_scale_change(old, new).to(device),
     )
+
+
+def _scale_change(old: ScaleState, new: ScaleState) -> torch.Tensor:
+    calibrated = new.calibrated > old.calibrated
+    grew, backed_off = new.scale > old.scale, new.scale < old.scale
+    held = new.num_min_scale_events > old.num_min_scale_events
+    return torch.where(calibrated, 3, torch.where(grew, 1, torch.where(backed_off, 2, torch.where(held, 4, 0))))

@@ -628,3 +628,28 @@ def job_observability(rank: int, world: int, setups: list[str], steps: int = 7) 
             rec["norms"].append(norm.item())
         out[setup] = rec
     return out
+
+
+def job_amax(rank: int, world: int, setup: str) -> dict[str, Any]:
+    """The "amax" rule on real ranks: each rank's largest local |scaled grad| and the job-wide
+    metrics per step; rank 1 holds a 64x larger gradient element at step 2."""
+    model, dp_index, _ = build(setup, rank, world)
+    opt = make_optimizer("adamw_fused", model)
+    scaler = distscale.GradScaler("cpu", init_scale=2.0**10, growth_interval=2, rule="amax", amax_margin=16.0)
+    scaler.register_model(model)
+    out: dict[str, Any] = {"local": [], "metrics": [], "collectives": [], "host_reads": []}
+    for step in range(6):
+        forward_backward(model, scaler, opt, rank, dp_index, step, {})
+        grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
+        if step == 2 and rank == 1:
+            first = next(g for g in grads if g.numel())
+            first.view(-1)[0] = 64 * max(float(g.abs().max()) for g in grads if g.numel())
+        out["local"].append(max((float(g.abs().max()) for g in grads if g.numel()), default=0.0))
+        with count_collectives() as colls, count_host_syncs() as reads:
+            scaler.clip_grad_norm_(opt, 1.0)
+            scaler.step(opt)
+            scaler.update()
+        out["metrics"].append(scaler.metrics())
+        out["collectives"].append(sum(colls.values()))
+        out["host_reads"].append(sum(reads.values()))
+    return out

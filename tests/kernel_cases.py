@@ -256,6 +256,11 @@ def rule_configs() -> dict[str, Any]:
             init_scale=16.0, growth_interval=1, min_scale=0.3, max_scale=100.0, backoff_factor=0.3,
         ),
         "near-float32-max": ScalerConfig(init_scale=3.0e38, growth_interval=1),
+        "amax": ScalerConfig(rule="amax", init_scale=2.0**16, growth_interval=3),
+        "amax-bounded-hysteresis": ScalerConfig(
+            rule="amax", amax_margin=16.0, growth_interval=1, hysteresis=2, min_scale=1.0, max_scale=2.0**24,
+            init_scale=2.0**20,
+        ),
     }  # fmt: skip
 
 
@@ -282,8 +287,16 @@ def rule_sequence(config: Any, seed: int, steps: int = 300) -> str | None:
             kw["underflow"] = (torch.tensor(rng.random(), dtype=torch.float64), torch.tensor(1e-3))
         if rng.random() < 0.5:
             kw["overflows"] = torch.tensor(int(found) * rng.randint(1, 3))
-        ref_state = policy.update(ref_state, found, config)
-        ref_stats = stats.update_stats(ref_stats, stats.StepOutcome(found, **kw), ref_state.scale, config)
+        if rng.random() < 0.8:  # the step's largest |scaled gradient|: from tiny to overflowing
+            choice = rng.random()
+            value = float(state.scale) * 10 ** rng.uniform(-9, -1)
+            kw["amax"] = torch.tensor(
+                0.0 if choice < 0.05 else float("nan") if choice < 0.1 else 1e6 if choice < 0.15 else value
+            )
+        new_state = policy.update(ref_state, found, config, kw.get("amax"))
+        outcome = stats.StepOutcome(found, **kw)
+        ref_stats = stats.update_stats(ref_stats, outcome, ref_state, new_state, config)
+        ref_state = new_state
         update_triton.update_(state, st, found, config, **kw)
         names = (*policy.ScaleState._fields, *stats.ScalerStats._fields)
         for a, b, field in zip((*ref_state, *ref_stats), (*state, *st), names, strict=True):

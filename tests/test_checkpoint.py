@@ -286,7 +286,7 @@ def _config_both(key, value):
 
 
 BAD = {
-    "version-4": (_set(["format_version"], 4), ValueError, "format_version"),
+    "version-next": (_set(["format_version"], FORMAT_VERSION + 1), ValueError, "format_version"),
     "version-0": (_set(["format_version"], 0), ValueError, "format_version"),
     "version-str": (_set(["format_version"], "1"), ValueError, "format_version"),
     "version-None": (_set(["format_version"], None), ValueError, "format_version"),
@@ -446,30 +446,62 @@ def test_loaded_scale_must_lie_within_the_bounds():
 # ------------------------------------------------------------------ format versions, preset state
 
 
+def _as_version(state, version):
+    """What an older distscale wrote: format ``version``, without the settings, counters and
+    stats later formats added (each declares the version that introduced it)."""
+    from distscale import checkpoint
+
+    old = copy.deepcopy(state)
+    old["format_version"] = version
+    for key, since in checkpoint.CONFIG_SINCE.items():
+        if since > version:
+            del old["config"][key]
+    for key, spec in checkpoint.STATE_FIELDS.items():
+        if spec.since > version:
+            del old["state"][key]
+    if version < checkpoint.STATS_SINCE:
+        del old["stats"]
+    else:
+        for key, spec in checkpoint.STATS_FIELDS.items():
+            if spec.since > version:
+                del old["stats"][key]
+    return old
+
+
 def _as_version_1(state):
     """What distscale 0.1 wrote: format 1, without the settings and counters format 2 added."""
-    old = copy.deepcopy(state)
-    old["format_version"] = 1
-    del old["stats"]
-    for key in ("min_scale_rule", "growth_delay", "tolerance"):
-        del old["config"][key]
-    for key in ("steps_since_rescale", "overflows_since_backoff"):
-        del old["state"][key]
+    old = _as_version(state, 1)
+    assert "min_scale_rule" not in old["config"] and "steps_since_rescale" not in old["state"]
     return old
 
 
 def test_version_1_state_dict_loads_with_new_fields_at_their_defaults():
     source, _, _ = trained()
     state = source.state_dict()
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     target = GradScaler("cpu", tolerance=0.5, growth_delay=3, min_scale_rule="refuse")
     target.load_state_dict(_as_version_1(state))
     config = target.config
     assert (config.min_scale_rule, config.growth_delay, config.tolerance) == ("floor", 0, 0.0)
     assert config == source.config
     loaded = target.state_dict()
-    assert loaded["format_version"] == 3
+    assert loaded["format_version"] == FORMAT_VERSION
     assert loaded["state"] == {**state["state"], "steps_since_rescale": 0, "overflows_since_backoff": 0}
+
+
+def test_version_3_state_dict_loads_with_torchs_rule_and_fresh_amax_fields():
+    source, _, _ = trained()
+    state = source.state_dict()
+    target = GradScaler("cpu", rule="amax", amax_margin=8.0)
+    target.load_state_dict(_as_version(state, 3))
+    assert (target.config.rule, target.config.amax_margin) == ("torch", 256.0)  # version 3's only rule
+    loaded = target.state_dict()
+    assert loaded["state"] == {**state["state"], "calibrated": 0}
+    assert loaded["stats"] == {**state["stats"], "amax": None, "headroom_log2": None, "scale_change": 0}
+    with pytest.raises(ValueError, match=r"missing \['amax'"):
+        broken = copy.deepcopy(state)
+        del broken["stats"]["amax"]  # a version-4 state must have every version-4 key
+        GradScaler("cpu").load_state_dict(broken)
 
 
 def test_version_1_keys_are_checked_for_version_1():

@@ -84,6 +84,12 @@ BAD_COMMON = [
     ({"on_min_scale": "ignore"}, ValueError, ["on_min_scale", "one of", "'clamp'", "'ignore'"]),
     ({"on_min_scale": "CLAMP"}, ValueError, ["on_min_scale", "one of", "'CLAMP'"]),
     ({"on_min_scale": None}, ValueError, ["on_min_scale", "one of", "None"]),
+    # rule: a name that exists; amax_margin: finite and > 1
+    ({"rule": "ammax"}, ValueError, ["rule", "one of", "'ammax'"]),
+    ({"amax_margin": 1.0}, ValueError, ["amax_margin", "finite and > 1.0", "1.0"]),
+    ({"amax_margin": 0.5}, ValueError, ["amax_margin", "finite and > 1.0", "0.5"]),
+    ({"amax_margin": INF}, ValueError, ["amax_margin", "finite and > 1.0", "inf"]),
+    ({"amax_margin": "2"}, TypeError, ["amax_margin", "real number", "'2'"]),
 ]
 
 BAD_CONFIG_ONLY = [

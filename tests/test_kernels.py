@@ -126,3 +126,24 @@ def test_missing_triton_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 # ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.parametrize("kernel", ["torch", "reference"])
+def test_amax_is_the_largest_magnitude_as_read_over_every_element(kernel: str) -> None:
+    tensors, counts, _ = layout("prefix", torch.float32)  # the norm counts prefixes; amax reads all
+    tensors[2].view(-1)[-1] = -1e4  # outside every counted prefix
+    want = max(float(t.abs().max()) for t in tensors)
+    amax = torch.zeros(())
+    check_group(tensors, torch.zeros(()), torch.tensor(0.5), 2.0, kernel, norm_numels=counts)
+    assert amax.item() == 0.0  # not asked: not measured
+    tensors, counts, _ = layout("prefix", torch.float32)
+    tensors[2].view(-1)[-1] = -1e4
+    backend = kernels.backend(kernel, torch.device("cpu"), torch.float32)
+    kernels.check_(
+        tensors, torch.zeros(()), torch.tensor(0.5), 2.0, backend=backend, norm_numels=counts, amax_out=amax
+    )
+    assert amax.item() == want == 1e4  # read before the unscale halved it
+    kernels.check_([torch.zeros(0)], torch.zeros(()), None, backend=backend, amax_out=amax)
+    assert amax.item() == 1e4  # an empty group leaves it alone
+    kernels.check_([torch.tensor([1.0, NAN])], torch.zeros(()), None, backend=backend, amax_out=amax)
+    assert math.isnan(amax.item())  # NaN propagates, as the inf-norm does

@@ -38,10 +38,22 @@ def _compile(fn, types: dict[str, str], constexprs: dict[str, object], arch: int
 
 UPDATE_TYPES = {
     **dict.fromkeys(
-        ["scale_ptr", "norm_out_ptr", "zero_out_ptr", "under_out_ptr", "found_ptr", "norm_in_ptr"], "*fp32"
+        [
+            "scale_ptr",
+            "norm_out_ptr",
+            "zero_out_ptr",
+            "under_out_ptr",
+            "found_ptr",
+            "norm_in_ptr",
+            "amax_out_ptr",
+            "headroom_out_ptr",
+            "amax_in_ptr",
+        ],
+        "*fp32",
     ),
     "growth_ptr": "*i32",
     "hyst_ptr": "*i32",
+    "calibrated_ptr": "*i32",
     **dict.fromkeys(
         [
             "updates_ptr",
@@ -55,6 +67,7 @@ UPDATE_TYPES = {
             "since_ovf_ptr",
             "at_min_ptr",
             "step_ovf_ptr",
+            "change_out_ptr",
         ],
         "*i64",
     ),
@@ -66,6 +79,7 @@ UPDATE_TYPES = {
 UPDATE_BASE = dict(
     GROWTH_INTERVAL=2000, HYSTERESIS=1, GROWTH_DELAY=0, REFILL_ON_GROWTH=True, HAS_TOLERANCE=False,
     HAS_MIN=False, MIN_FLOOR=True, HAS_MAX=False, HAS_NORM=False, HAS_UNDERFLOW=False, HAS_STEP_OVF=False,
+    HAS_AMAX=False, AMAX_RULE=False,
 )  # fmt: skip
 UPDATE_VARIANTS = {
     "torch": {},
@@ -74,6 +88,7 @@ UPDATE_VARIANTS = {
         HAS_NORM=True, HAS_UNDERFLOW=True, HAS_STEP_OVF=True,
     ),
     "refuse": dict(HAS_MIN=True, MIN_FLOOR=False, HAS_TOLERANCE=True),
+    "amax": dict(HAS_AMAX=True, AMAX_RULE=True, HAS_MIN=True, HAS_MAX=True, HYSTERESIS=2),
 }  # fmt: skip
 
 
@@ -94,14 +109,18 @@ CHECK_TYPES = {
     "found_ptr": "*fp32",
     "inv_ptr": "*fp32",
     "partial_ptr": "*fp32",
+    "amax_partial_ptr": "*fp32",
 }
 TL_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", sorted(TL_DTYPES))
-@pytest.mark.parametrize(("unscale", "norm"), [(True, 1), (False, 1), (True, 0), (False, 2)])
-def test_check_kernel_compiles(dtype: str, unscale: bool, norm: int, arch: int) -> None:
+@pytest.mark.parametrize(
+    ("unscale", "norm", "amax"),
+    [(True, 1, False), (False, 1, False), (True, 0, False), (False, 2, False), (True, 1, True)],
+)
+def test_check_kernel_compiles(dtype: str, unscale: bool, norm: int, amax: bool, arch: int) -> None:
     import triton.language as tl
 
     torch_dtype = getattr(torch, TL_DTYPES[dtype])
@@ -111,6 +130,7 @@ def test_check_kernel_compiles(dtype: str, unscale: bool, norm: int, arch: int) 
         "BLOCK": block,
         "UNSCALE": unscale,
         "NORM": norm,
+        "AMAX": amax,
         "BF16_BY_HAND": False,
     }
     kernel = _compile(triton_ops._check_kernel, CHECK_TYPES, constexprs, arch)

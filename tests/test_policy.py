@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import pytest
@@ -70,6 +71,7 @@ def test_init_state():
         "num_min_scale_events": 0,
         "steps_since_rescale": 0,
         "overflows_since_backoff": 0,
+        "calibrated": 0,
     }
 
 
@@ -402,3 +404,66 @@ def test_update_never_syncs(config):
             state = update(state, found_inf, config)
     assert sum(counts.values()) == 0, dict(counts)
     assert state.num_updates.item() == len(flags)
+
+
+# ---------------------------------------------------------------------------- the amax rule
+
+
+def _amax_run(config: ScalerConfig, steps: list[tuple[float, float | None]]) -> list[dict]:
+    """(found_inf, amax) per step -> the state after each update."""
+    state, out = init_state(config), []
+    for found, amax in steps:
+        state = update(state, flag(found), config, None if amax is None else torch.tensor(amax))
+        out.append(snapshot(state))
+    return out
+
+
+def test_amax_rule_calibrates_at_the_first_clean_step_to_a_power_of_two_below_the_margin():
+    config = ScalerConfig(rule="amax", init_scale=2.0**16, amax_margin=2.0**8, growth_interval=1000)
+    # Step 0 overflows (backoff as torch); step 1 is clean with amax 3 at scale 2^15.
+    got = _amax_run(config, [(1.0, float("nan")), (0.0, 3.0), (0.0, 3.0)])
+    assert got[0]["scale"] == 2.0**15 and got[0]["calibrated"] == 0
+    # 2^15 * 65504 / (3 * 256) = 2.79e6 -> 2^21: the largest scaled gradient keeps 256x headroom.
+    assert got[1]["scale"] == 2.0**21 and got[1]["calibrated"] == 1 and got[1]["growth_tracker"] == 0
+    assert got[2]["scale"] == 2.0**21  # calibrated once; later steps grow only by the rule below
+
+
+def test_amax_rule_grows_only_when_the_headroom_allows_it():
+    config = ScalerConfig(rule="amax", init_scale=1024.0, amax_margin=16.0, growth_interval=2)
+    steps = [(0.0, 2.0)]  # calibrates: 1024 * 65504 / (2 * 16) = 2.096e6 -> 2^20
+    steps += [(0.0, 3000.0), (0.0, 3000.0)]  # interval reached, 3000 * 2 * 16 = 96000 > 65504: no growth
+    steps += [(0.0, 1000.0)]  # 1000 * 2 * 16 = 32000 <= 65504: grows
+    got = _amax_run(config, steps)
+    assert got[0]["scale"] == 2.0**20
+    assert [g["scale"] for g in got[1:]] == [2.0**20, 2.0**20, 2.0**21]
+    assert got[2]["growth_tracker"] == 2  # the tracker keeps counting while growth waits
+
+
+def test_amax_rule_never_grows_or_calibrates_blind_and_backs_off_as_torch():
+    config = ScalerConfig(rule="amax", init_scale=1024.0, growth_interval=1, hysteresis=2)
+    got = _amax_run(config, [(0.0, None), (0.0, float("inf")), (0.0, None), (1.0, 5.0), (1.0, 5.0)])
+    assert [g["scale"] for g in got] == [1024.0, 1024.0, 1024.0, 1024.0, 512.0]  # hysteresis 2
+    assert all(g["calibrated"] == 0 for g in got)
+
+
+def test_amax_rule_respects_the_bounds():
+    config = ScalerConfig(rule="amax", init_scale=4.0, min_scale=2.0, max_scale=2.0**10, growth_interval=1)
+    assert _amax_run(config, [(0.0, 1e-6)])[0]["scale"] == 2.0**10  # calibration clamped to max_scale
+    config = ScalerConfig(rule="amax", init_scale=4.0, min_scale=2.0, growth_interval=1)
+    assert _amax_run(config, [(0.0, 1e6)])[0]["scale"] == 2.0  # and to min_scale
+
+
+def test_pow2_floor_reads_the_exponent_bits():
+    from distscale.policy import pow2_floor
+
+    x = torch.tensor([1.0, 1.5, 2.0, 3.999, 2.0**-100, 1e300], dtype=torch.float64)
+    assert pow2_floor(x).tolist() == [1.0, 1.0, 2.0, 2.0, 2.0**-100, 2.0 ** math.floor(math.log2(1e300))]
+
+
+def test_the_torch_rule_ignores_amax():
+    config = ScalerConfig(init_scale=1024.0, growth_interval=1)
+    plain, with_amax = init_state(config), init_state(config)
+    for found in (0.0, 1.0, 0.0):
+        plain = update(plain, flag(found), config)
+        with_amax = update(with_amax, flag(found), config, torch.tensor(1e-3))
+        assert snapshot(plain) == snapshot(with_amax)

@@ -161,7 +161,7 @@ def test_stats_are_checkpointed_and_resume_exactly() -> None:
     scaler = distscale.GradScaler("cpu", init_scale=2.0**12, underflow_every=2)
     tiny.run(scaler, model, opt, {1: INF, 2: NAN}, 4, clip=1.0)
     state = scaler.state_dict()
-    assert state["format_version"] == FORMAT_VERSION == 3
+    assert state["format_version"] == FORMAT_VERSION == 4
     assert set(state["stats"]) == set(stats.ScalerStats._fields)
     assert state["stats"]["grad_norm"] is not None and state == scaler.state_dict()
     restored = distscale.GradScaler("cpu")
@@ -175,10 +175,18 @@ def test_stats_are_checkpointed_and_resume_exactly() -> None:
 
 
 def test_version_2_state_loads_with_fresh_stats() -> None:
+    from distscale import checkpoint
+
     scaler = distscale.GradScaler("cpu")
     state = scaler.state_dict()
     del state["stats"]
     state["format_version"] = 2
+    for key, since in checkpoint.CONFIG_SINCE.items():  # what version 2 did not have yet
+        if since > 2:
+            del state["config"][key]
+    for key, spec in checkpoint.STATE_FIELDS.items():
+        if spec.since > 2:
+            del state["state"][key]
     scaler.load_state_dict(state)
     m = scaler.metrics()
     assert m["overflows"] == 0 and math.isnan(m["grad_norm"])
@@ -211,3 +219,43 @@ def test_missing_stats_key_is_named() -> None:
     del state["stats"]["overflows"]
     with pytest.raises(ValueError, match=r"missing \['overflows'\]"):
         scaler.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------- amax, headroom, scale changes
+
+
+def test_amax_headroom_and_scale_changes_follow_the_step() -> None:
+    model = tiny.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = distscale.GradScaler("cpu", init_scale=2.0**12, growth_interval=2, rule="amax", amax_margin=2.0**4)
+    seen = []
+    for step in range(6):
+        opt.zero_grad(set_to_none=True)
+        tiny.backward(model, scaler, step)
+        if step == 3:
+            tiny.plant(model, INF)
+        want = max(float(p.grad.abs().max()) for p in model.parameters())  # scaled, as read
+        scale_before = scaler.get_scale()
+        with count_host_syncs() as reads:
+            scaler.step(opt)
+            scaler.update()
+        m = scaler.metrics()
+        seen.append((m["scale_change"], scaler.get_scale() / scale_before))
+        if step == 3:
+            assert math.isnan(m["amax"]) and math.isnan(m["headroom_log2"])  # a skipped step
+        else:
+            assert m["amax"] == pytest.approx(want, rel=1e-6)
+            assert m["headroom_log2"] == math.floor(math.log2(65504.0 / m["amax"]))
+        assert sum(reads.values()) == 1  # step()'s read of the flags: amax costs none
+    codes = [stats.SCALE_CHANGES[code] for code, _ in seen]
+    assert codes[0] == "calibrated" and seen[0][1] == 2.0 ** round(math.log2(seen[0][1]))
+    assert codes[3] == "backed_off" and seen[3][1] == 0.5
+    assert all(c in ("unchanged", "grew") for c in codes[1:3] + codes[4:])
+    assert all(ratio == 2.0 for code, ratio in zip(codes, (r for _, r in seen), strict=True) if code == "grew")
+
+
+def test_the_torch_rule_does_not_measure_amax() -> None:
+    model = tiny.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    got = tiny.run(distscale.GradScaler("cpu", init_scale=2.0**12), model, opt, {}, 2)
+    assert all(math.isnan(m["amax"]) and math.isnan(m["headroom_log2"]) for m in got)

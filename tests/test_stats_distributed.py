@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from distscale import stats
 from distscale.testing import run_ranks
 from tests import dist_cases as dc
 
@@ -81,3 +82,20 @@ def test_observability_on_four_ranks_hsdp_and_tensor_parallel() -> None:
                 m = runs[0]["metrics"][step]
                 assert m["zero_fraction"] == pytest.approx(reference[0], rel=1e-5), (setup, step)
                 assert m["underflow_fraction"] == pytest.approx(reference[1], rel=1e-5), (setup, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["fsdp2", "ddp"])
+def test_amax_is_job_wide_and_rides_in_the_one_collective(setup: str) -> None:
+    runs = run_ranks(dc.job_amax, 2, setup)
+    for step in range(6):
+        values = [r["metrics"][step] for r in runs]
+        assert values[0] == pytest.approx(values[1], nan_ok=True), (setup, step)  # one decision, one state
+        want = max(r["local"][step] for r in runs)  # the maximum over every rank's local shard
+        assert values[0]["amax"] == pytest.approx(want, rel=1e-6), (setup, step)
+    # Step 2: rank 1's planted element is the job's largest: both ranks see it.
+    assert runs[1]["local"][2] > runs[0]["local"][2] and runs[0]["metrics"][2]["amax"] == runs[1]["local"][2]
+    assert stats.SCALE_CHANGES[runs[0]["metrics"][0]["scale_change"]] == "calibrated"
+    for r in runs:
+        assert r["collectives"] == [1] * 6
+        assert r["host_reads"] == [1] + [0] * 5  # fused AdamW: the first clip's layout read only

@@ -13,7 +13,10 @@ on the grads' device (zero for an empty group; None without a norm). With the "t
 and a 2-norm or inf-norm this is one pass over the gradients; otherwise per-tensor norms are taken
 first, then the check runs (two passes). The Triton norm is accumulated in float32 per block and
 is not bitwise torch's (relative error ~1e-6); its unscaled values and ``found_inf`` are.
-``norms(grads, norm_type, backend)``: per-tensor norms (the separate pass).
+``norms(grads, norm_type, backend)``: per-tensor norms (the separate pass). ``amax_out``: the
+group's largest |value| as read (every element, counted or not: a maximum counts replicas once
+anyway), in the fused pass with Triton, in one more pass otherwise; only asked for by the "amax"
+rule.
 
 Backends:
 
@@ -132,9 +135,12 @@ def check_(
     *,
     backend: Backend,
     norm_numels: list[int] | None = None,
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Check (and unscale) one (device, dtype) group on ``backend``; return the norm of its values
-    as read when ``norm_type`` is given. Semantics in the module docstring. No host sync."""
+    as read when ``norm_type`` is given; raise ``amax_out`` (0-dim float32 on the grads' device)
+    to their largest |value| as read (every element; NaN if one is NaN). Semantics in the module
+    docstring. No host sync."""
     if norm_type is not None:
         norm_type = float(norm_type)
     if norm_numels is not None and len(norm_numels) != len(grads):
@@ -142,7 +148,15 @@ def check_(
     if not grads:
         return None if norm_type is None else torch.zeros((), dtype=torch.float32, device=found_inf.device)
     if backend == "triton" and (norm_type is None or norm_type in FUSED_NORM_TYPES):
-        return _triton_ops().fused_check_(grads, found_inf, inv_scale, norm_type, norm_numels=norm_numels)
+        return _triton_ops().fused_check_(
+            grads, found_inf, inv_scale, norm_type, norm_numels=norm_numels, amax_out=amax_out
+        )
+    if amax_out is not None and backend != "triton":  # one more pass, read before any unscale
+        nonempty = [g for g in grads if g.numel()]
+        if nonempty:
+            with torch.no_grad():
+                group_max = torch.stack(norms(nonempty, math.inf, backend)).amax()
+            amax_out.copy_(torch.maximum(amax_out, group_max.to(amax_out.device)))
     total = None
     if norm_type is not None:
         # Read before the check may unscale: the norm is of the values as read.
@@ -154,7 +168,7 @@ def check_(
             else:
                 total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
     if backend == "triton":  # a norm the fused pass does not take: check without it
-        _triton_ops().fused_check_(grads, found_inf, inv_scale, None)
+        _triton_ops().fused_check_(grads, found_inf, inv_scale, None, amax_out=amax_out)
     else:  # elementwise: once per contiguous span (the Triton table merges spans itself)
         impl = reference if backend == "reference" else torch_ops
         impl.check_and_unscale_(spans.coalesce(grads), found_inf, inv_scale)

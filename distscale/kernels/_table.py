@@ -41,6 +41,7 @@ class Plan:
     n_blocks: int
     block: int
     partials: torch.Tensor  # float32, one per block
+    amax_partials: torch.Tensor  # float32, one per block (the largest |value| of each)
     staged: list[tuple[int, torch.Tensor]]  # (index in grads, contiguous staging buffer)
     ids: tuple[int, ...]  # the tensor objects the layout was validated for
 
@@ -134,6 +135,7 @@ def _build(grads: list[torch.Tensor], counts: list[int], block: int | None) -> P
         n_blocks=first,
         block=block,
         partials=torch.empty(first, dtype=torch.float32, device=device),
+        amax_partials=torch.empty(first, dtype=torch.float32, device=device),
         staged=staged,
         ids=(),
     )

@@ -73,11 +73,13 @@ def _visit(
     inv,
     UNSCALE: tl.constexpr,
     NORM: tl.constexpr,
+    AMAX: tl.constexpr,
     MASKED: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
-    # One block: returns (number of non-finite elements, norm partial). ``counted`` is a scalar
-    # in the unmasked path (the whole block counts or not) and a per-element mask otherwise.
+    # One block: returns (number of non-finite elements, norm partial, amax partial). ``counted``
+    # is a scalar in the unmasked path (the whole block counts or not) and a per-element mask
+    # otherwise. The amax is over every element of the block in range, counted or not.
     if MASKED:
         x = tl.load(ptrs, mask=in_range, other=0.0)
     else:
@@ -104,7 +106,12 @@ def _visit(
         nans = tl.sum(tl.where(counted & (xf != xf), 1, 0), axis=0)
         part = tl.max(tl.where(counted, ax, 0.0), axis=0)
         part = tl.where(nans > 0, float("nan"), part)
-    return bad, part
+    amax = 0.0
+    if AMAX:
+        # As torch's inf-norm of the values as read: NaN propagates (see NORM == 2).
+        amax = tl.max(tl.where(in_range, ax, 0.0), axis=0)
+        amax = tl.where(tl.sum(tl.where(in_range & (xf != xf), 1, 0), axis=0) > 0, float("nan"), amax)
+    return bad, part, amax
 
 
 @triton.jit(do_not_specialize=["n_spans"])
@@ -114,10 +121,12 @@ def _check_kernel(
     found_ptr,
     inv_ptr,
     partial_ptr,
+    amax_partial_ptr,
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     UNSCALE: tl.constexpr,
     NORM: tl.constexpr,
+    AMAX: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -137,12 +146,16 @@ def _check_kernel(
     ptrs = base + start + offs
     # Full blocks (the common case) run unmasked so that loads and stores vectorize.
     if (lo == 0) & (hi == BLOCK) & ((nhi == 0) | (nhi == BLOCK)):
-        bad, part = _visit(ptrs, offs < BLOCK, nhi == BLOCK, inv, UNSCALE, NORM, False, BF16_BY_HAND)
+        bad, part, amax = _visit(ptrs, offs < BLOCK, nhi == BLOCK, inv, UNSCALE, NORM, AMAX, False, BF16_BY_HAND)
     else:
         in_range = (offs >= lo) & (offs < hi)
-        bad, part = _visit(ptrs, in_range, in_range & (offs < nhi), inv, UNSCALE, NORM, True, BF16_BY_HAND)
+        bad, part, amax = _visit(
+            ptrs, in_range, in_range & (offs < nhi), inv, UNSCALE, NORM, AMAX, True, BF16_BY_HAND
+        )
     if NORM != 0:
         tl.store(partial_ptr + pid, part)
+    if AMAX:
+        tl.store(amax_partial_ptr + pid, amax)
     if bad > 0:
         # Every writer stores the same value: a plain store is race-free in effect (as torch's).
         tl.store(found_ptr, 1.0)
@@ -185,6 +198,7 @@ def _launch(
     inv_scale: torch.Tensor | None,
     norm_kind: int,
     dtype: torch.dtype,
+    amax: bool,
 ) -> None:
     _check_kernel[(plan.n_blocks,)](
         plan.table,
@@ -192,10 +206,12 @@ def _launch(
         found_inf,
         found_inf if inv_scale is None else inv_scale,  # unread without UNSCALE
         plan.partials if norm_kind else found_inf,  # unwritten without NORM
+        plan.amax_partials if amax else found_inf,  # unwritten without AMAX
         DTYPE=_TL_DTYPES[dtype],
         BLOCK=plan.block,
         UNSCALE=inv_scale is not None,
         NORM=norm_kind,
+        AMAX=amax,
         BF16_BY_HAND=INTERPRETED and dtype is torch.bfloat16,
         num_warps=8 if plan.block * dtype.itemsize >= _table.MAX_BLOCK_BYTES else 4,
     )
@@ -209,6 +225,7 @@ def fused_check_(
     *,
     norm_numels: list[int] | None = None,
     block: int | None = None,
+    amax_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Check one (device, dtype) group for inf/NaN, unscale it in place, and take its norm: one pass.
 
@@ -221,6 +238,8 @@ def fused_check_(
         norm_numels: per tensor, how many leading elements (row-major) count toward the norm
             (default: all); every element is checked.
         block: elements per program (a power of two); default: sized to the tensors.
+        amax_out: a one-element float32 tensor on the same device: raised to the largest |value|
+            as read (NaN if a NaN is read) in the same pass; None: not measured.
 
     Returns the norm as a 0-dim float32 tensor on the grads' device, or None when ``norm_type``
     is None. No host sync; one kernel launch plus, with a norm, one small reduction.
@@ -236,6 +255,8 @@ def fused_check_(
     _check_scalar("found_inf", found_inf, first.device)
     if inv_scale is not None:
         _check_scalar("inv_scale", inv_scale, first.device)
+    if amax_out is not None:
+        _check_scalar("amax_out", amax_out, first.device)
     if norm_numels is not None and len(norm_numels) != len(grads):
         raise ValueError(f"norm_numels has {len(norm_numels)} entries for {len(grads)} tensors.")
     if block is not None and (block < 16 or block & (block - 1)):
@@ -249,9 +270,11 @@ def fused_check_(
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             # Triton launches on the current device; torch ops follow their tensors.
             with torch.cuda.device(device):
-                _launch(plan, found_inf, inv_scale, norm_kind, first.dtype)
+                _launch(plan, found_inf, inv_scale, norm_kind, first.dtype, amax_out is not None)
         else:
-            _launch(plan, found_inf, inv_scale, norm_kind, first.dtype)
+            _launch(plan, found_inf, inv_scale, norm_kind, first.dtype, amax_out is not None)
+        if amax_out is not None:
+            amax_out.copy_(torch.maximum(amax_out, plan.amax_partials.amax()).reshape(amax_out.shape))
     if inv_scale is not None:
         for index, buffer in plan.staged:
             grads[index].copy_(buffer)

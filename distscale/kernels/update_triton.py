@@ -32,23 +32,24 @@ __all__ = ["update_"]
 def _update_kernel(
     # state (read and written in place)
     scale_ptr, growth_ptr, hyst_ptr, updates_ptr, skipped_ptr, min_events_ptr, since_rescale_ptr,
-    overflows_since_ptr,
+    overflows_since_ptr, calibrated_ptr,
     # stats (read and written in place)
     ovf_ptr, consec_ptr, max_consec_ptr, since_ovf_ptr, at_min_ptr, was_skipped_ptr, norm_out_ptr,
-    zero_out_ptr, under_out_ptr,
+    zero_out_ptr, under_out_ptr, amax_out_ptr, headroom_out_ptr, change_out_ptr,
     # this step
-    found_ptr, step_ovf_ptr, norm_in_ptr, zero_in_ptr, under_in_ptr,
-    consts_ptr,  # float64: growth_factor, backoff_factor, tolerance, min_scale, max_scale
+    found_ptr, step_ovf_ptr, norm_in_ptr, zero_in_ptr, under_in_ptr, amax_in_ptr,
+    consts_ptr,  # float64: growth_factor, backoff_factor, tolerance, min_scale, max_scale, amax_margin
     GROWTH_INTERVAL: tl.constexpr, HYSTERESIS: tl.constexpr, GROWTH_DELAY: tl.constexpr,
     REFILL_ON_GROWTH: tl.constexpr, HAS_TOLERANCE: tl.constexpr, HAS_MIN: tl.constexpr,
     MIN_FLOOR: tl.constexpr, HAS_MAX: tl.constexpr, HAS_NORM: tl.constexpr, HAS_UNDERFLOW: tl.constexpr,
-    HAS_STEP_OVF: tl.constexpr,
+    HAS_STEP_OVF: tl.constexpr, HAS_AMAX: tl.constexpr, AMAX_RULE: tl.constexpr,
 ):  # fmt: skip
     growth_factor = tl.load(consts_ptr)
     backoff_factor = tl.load(consts_ptr + 1)
     tolerance = tl.load(consts_ptr + 2)
     min_scale = tl.load(consts_ptr + 3).to(tl.float32)  # exactly representable: rounded on the host
     max_scale = tl.load(consts_ptr + 4).to(tl.float32)
+    amax_margin = tl.load(consts_ptr + 5)
 
     scale = tl.load(scale_ptr)
     growth = tl.load(growth_ptr)
@@ -77,11 +78,37 @@ def _update_kernel(
 
     successful = growth + 1
     do_growth = (found == 0) & (successful >= GROWTH_INTERVAL)
+    calibrated = tl.load(calibrated_ptr)
+    amax = tl.load(amax_in_ptr)  # without HAS_AMAX, found's value: read, never used
+    calibrate = found & (found == 0)  # never, unless the amax rule says so
+    calibrated_scale = scale
+    if AMAX_RULE:
+        if HAS_AMAX:
+            a = amax.to(tl.float64)
+            measured = (found == 0) & (a == a) & (tl.abs(a) < float("inf"))
+            calibrate = measured & (a > 0) & (calibrated == 0)
+            headroom = measured & (a * (growth_factor * amax_margin) <= _FP16_MAX)
+            do_growth = do_growth & headroom & (calibrate == 0)
+            # The power of two below scale * FP16_MAX / (amax * margin): its exponent bits, within
+            # float32's normal powers of two (as distscale.policy.pow2_floor).
+            target = scale.to(tl.float64) * _FP16_MAX / (a * amax_margin)
+            target = tl.where(target == target, target, 1.0)
+            target = tl.minimum(tl.maximum(target, _POW2_MIN), _POW2_MAX)
+            pow2 = (target.to(tl.int64, bitcast=True) & _EXPONENT_BITS).to(tl.float64, bitcast=True)
+            calibrated_scale = pow2.to(tl.float32)
+            if HAS_MIN:
+                calibrated_scale = tl.maximum(calibrated_scale, min_scale)
+            if HAS_MAX:
+                calibrated_scale = tl.minimum(calibrated_scale, max_scale)
+        else:
+            do_growth = do_growth & (found & (found == 0))  # amax not measured: never grow
     grown = (scale.to(tl.float64) * growth_factor).to(tl.float32)
     grown_ok = do_growth & (grown == grown) & (tl.abs(grown) < float("inf"))
     if HAS_MAX:
         grown = tl.minimum(grown, max_scale)
     new_scale = tl.where(apply_backoff, backed_off, tl.where(grown_ok, grown, scale))
+    new_scale = tl.where(calibrate, calibrated_scale, new_scale)
+    do_growth = do_growth | calibrate  # the tracker restarts, the hysteresis refills
     if GROWTH_DELAY == 0:
         new_growth = tl.where(found | do_growth, 0, successful)
     else:
@@ -100,6 +127,7 @@ def _update_kernel(
     tl.store(min_events_ptr, tl.load(min_events_ptr) + min_event.to(tl.int64))
     tl.store(since_rescale_ptr, tl.where(do_backoff | do_growth, 0, steps + 1))
     tl.store(overflows_since_ptr, tl.where(do_backoff, 0, overflows + found64))
+    tl.store(calibrated_ptr, tl.where(calibrate, 1, calibrated).to(tl.int32))
 
     # The metrics: see distscale.stats.update_stats.
     if HAS_STEP_OVF:
@@ -121,9 +149,28 @@ def _update_kernel(
     if HAS_UNDERFLOW:
         tl.store(zero_out_ptr, tl.load(zero_in_ptr).to(tl.float32))
         tl.store(under_out_ptr, tl.load(under_in_ptr).to(tl.float32))
+    # amax and its headroom (see distscale.stats.headroom_log2): NaN on skipped or unmeasured steps.
+    amax32 = tl.where(found, float("nan"), amax.to(tl.float32))
+    if HAS_AMAX:
+        ratio = _FP16_MAX / amax32.to(tl.float64)
+        exponent = ((ratio.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
+        headroom = tl.where(amax32 == 0, float("inf"), exponent.to(tl.float32))
+        headroom = tl.where(amax32 != amax32, float("nan"), headroom)
+        tl.store(amax_out_ptr, amax32)
+        tl.store(headroom_out_ptr, headroom)
+    else:
+        tl.store(amax_out_ptr, float("nan"))
+        tl.store(headroom_out_ptr, float("nan"))
+    change = tl.where(new_scale > scale, 1, tl.where(new_scale < scale, 2, tl.where(min_event, 4, 0)))
+    tl.store(change_out_ptr, tl.where(calibrate, 3, change).to(tl.int64))
 
 
 _CONSTS: dict[tuple[torch.device, ScalerConfig], torch.Tensor] = {}
+# Globals a kernel reads must be constexpr.
+_FP16_MAX = tl.constexpr(65504.0)
+_POW2_MIN = tl.constexpr(2.0**-126)
+_POW2_MAX = tl.constexpr(2.0**127)
+_EXPONENT_BITS = tl.constexpr(0x7FF0000000000000)
 
 
 def _f32(value: float) -> float:
@@ -140,6 +187,7 @@ def _consts(config: ScalerConfig, device: torch.device) -> torch.Tensor:
             config.tolerance,
             _f32(config.min_scale) if config.min_scale is not None else 0.0,
             _f32(config.max_scale) if config.max_scale is not None else 0.0,
+            config.amax_margin,
         ]
         _CONSTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
     return _CONSTS[key]
@@ -154,6 +202,7 @@ def update_(
     overflows: torch.Tensor | None = None,
     grad_norm: torch.Tensor | None = None,
     underflow: tuple[torch.Tensor, torch.Tensor] | None = None,
+    amax: torch.Tensor | None = None,
 ) -> None:
     """``policy.update`` then ``stats.update_stats``, in place, in one launch. No host sync.
 
@@ -167,6 +216,7 @@ def update_(
     zero, under = (u.to(device).reshape(()) for u in underflow) if underflow is not None else (found, found)
     # Unread without HAS_STEP_OVF: any int64 pointer will do.
     step_ovf = overflows.to(device).reshape(()).to(torch.int64) if overflows is not None else state[3]
+    amax_in = amax.to(device).reshape(()).float() if amax is not None else found
     _update_kernel[(1,)](
         *state,
         *stats,
@@ -175,6 +225,7 @@ def update_(
         norm,
         zero,
         under,
+        amax_in,
         _consts(config, device),
         GROWTH_INTERVAL=config.growth_interval,
         HYSTERESIS=config.hysteresis,
@@ -187,4 +238,6 @@ def update_(
         HAS_NORM=grad_norm is not None,
         HAS_UNDERFLOW=underflow is not None,
         HAS_STEP_OVF=overflows is not None,
+        HAS_AMAX=amax is not None,
+        AMAX_RULE=config.rule == "amax",
     )

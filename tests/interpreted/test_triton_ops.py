@@ -135,3 +135,17 @@ def test_gradset_fused_norm_matches_the_two_pass_norm(rank: int, unscale: bool, 
     (n1, f1, g1), (n2, f2, g2) = results
     assert norm_ok(n1, n2) and f1 == f2, (n1, n2, f1, f2)
     assert all(bits_equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["read", "unscale"])
+@pytest.mark.parametrize("lay", ["sizes", "strided", "flat", "prefix"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_amax_in_the_fused_pass_is_the_largest_magnitude_as_read(dtype: str, lay: str, unscale: bool) -> None:
+    tensors, counts, block = layout(lay, DTYPES[dtype])
+    want = max((float(t.float().abs().max()) for t in tensors if t.numel()), default=0.0)
+    amax = torch.zeros(())
+    triton_ops.fused_check_(
+        tensors, torch.zeros(()), torch.tensor(INV) if unscale else None, 2.0, norm_numels=counts, block=block,
+        amax_out=amax,
+    )  # fmt: skip
+    assert amax.item() == want

@@ -199,7 +199,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensors", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--numel", type=int, default=64)
-    p.add_argument("--layouts", default="separate,persistent", help=f"comma-separated, of {', '.join(LAYOUTS)}")
+    p.add_argument(
+        "--layouts", default="separate,persistent", help=f"comma-separated, of {', '.join(LAYOUTS)}"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="also write the table here")
     args = p.parse_args()

@@ -205,6 +205,12 @@ def validate(
     # growth_delay restarts the tracker below zero after an overflow.
     values["growth_tracker"] = _int("growth_tracker", raw["growth_tracker"], -config.growth_delay)
     values["hysteresis_tracker"] = _int("hysteresis_tracker", raw["hysteresis_tracker"], 0, config.hysteresis)
+    window = raw["amax_window"]
+    if isinstance(window, bool) or not isinstance(window, (int, float)):
+        raise TypeError(f"GradScaler state_dict amax_window must be a float, got {type(window).__name__}.")
+    if not (math.isfinite(window) and window >= 0):
+        raise ValueError(f"GradScaler state_dict amax_window must be finite and >= 0, got {window!r}.")
+    values["amax_window"] = float(window)
     for key in STATE_FIELDS.keys() - values.keys():  # every other field is a counter
         values[key] = _int(key, raw[key], 0)
     return config, {key: values[key] for key in STATE_FIELDS}, stats

@@ -129,8 +129,9 @@ class ReduceGroup:
         ]
         inf = float("inf")
         maxed = [
-            (torch.nan_to_num(c.norms[i][0].float(), nan=inf, posinf=inf) if distributed else c.norms[i][0])
-            .reshape(1)
+            (
+                torch.nan_to_num(c.norms[i][0].float(), nan=inf, posinf=inf) if distributed else c.norms[i][0]
+            ).reshape(1)
             for i in infinite
         ]
         head = torch.cat([t.to(device=device, dtype=dtype) for t in (*summed, *maxed)])
@@ -157,7 +158,9 @@ class ReduceGroup:
                     ]
                 )
             else:  # flags and slots survive either op
-                dist.all_reduce(buffer, op=dist.ReduceOp.MAX if maxed else dist.ReduceOp.SUM, group=self.group)
+                dist.all_reduce(
+                    buffer, op=dist.ReduceOp.MAX if maxed else dist.ReduceOp.SUM, group=self.group
+                )
             head = buffer[: head.numel()]
             if c.slots is not None:
                 slots = buffer[head.numel() :].reshape(world, c.slots.numel())

@@ -86,12 +86,15 @@ class ScalerConfig:
     DeepSpeed, Megatron, fairseq). "amax": from the largest scaled gradient magnitude (amax) the
     check measures: the first clean step sets the scale to the largest power of two that leaves
     ``amax_margin`` of fp16 headroom; later, after ``growth_interval`` clean steps, the scale grows
-    only if ``amax x growth_factor x amax_margin`` stays below fp16's maximum. Backoffs, bounds and
-    hysteresis as for "torch" (see :mod:`distscale.policy`)."""
-    amax_margin: float = field(default=2.0**8, metadata={"since": 4})
+    only if ``peak x growth_factor x amax_margin`` stays below fp16's maximum (``peak``: the
+    largest amax of that interval; a refused growth starts a new one), and then as far as that
+    peak allows. Backoffs, bounds and hysteresis as for "torch" (see :mod:`distscale.policy`)."""
+    amax_margin: float = field(default=2.0**3, metadata={"since": 4})
     """The headroom the "amax" rule keeps between the largest scaled parameter gradient and fp16's
     maximum (65504), as a factor > 1. Parameter gradients are smaller than the activation
-    gradients that overflow first in fp16 backward passes: the margin covers that gap."""
+    gradients that overflow first in fp16 backward passes: the margin covers that gap. The default,
+    8, trades skipped steps for scale evenly in the replay of ``bench/amax_replay.py`` (16 skips
+    fewer steps and underflows more; see the README)."""
 
     def __post_init__(self) -> None:
         init_scale = _require_number("init_scale", self.init_scale)
@@ -170,7 +173,13 @@ class ScalerConfig:
 
         # Store plain Python numbers (numpy scalars would not load with weights_only=True).
         for name in (
-            "init_scale", "growth_factor", "backoff_factor", "min_scale", "max_scale", "tolerance", "amax_margin"
+            "init_scale",
+            "growth_factor",
+            "backoff_factor",
+            "min_scale",
+            "max_scale",
+            "tolerance",
+            "amax_margin",
         ):
             value = getattr(self, name)
             if value is not None:

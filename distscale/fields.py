@@ -45,7 +45,9 @@ def fields(record: type) -> dict[str, Field]:
     for name in record._fields:  # type: ignore[attr-defined]
         declared = [m for m in getattr(hints[name], "__metadata__", ()) if isinstance(m, Field)]
         if len(declared) != 1:
-            raise TypeError(f"{record.__name__}.{name} must be declared as Annotated[torch.Tensor, Field(...)].")
+            raise TypeError(
+                f"{record.__name__}.{name} must be declared as Annotated[torch.Tensor, Field(...)]."
+            )
         out[name] = declared[0]
     return out
 
@@ -64,7 +66,10 @@ def allocate(record: type[R], config: ScalerConfig, device: torch.device | str =
     """A fresh ``record``: every field at its initial value, on ``device``."""
     values = initial_values(record, config)
     return record(
-        **{name: torch.full((), values[name], dtype=f.dtype, device=device) for name, f in fields(record).items()}
+        **{
+            name: torch.full((), values[name], dtype=f.dtype, device=device)
+            for name, f in fields(record).items()
+        }
     )
 
 

@@ -2,8 +2,9 @@
 
 The file is what ``launch/train.py --metrics`` or :class:`distscale.sinks.JsonlSink` writes: one
 object per step with at least ``"step"``, and any of ``"scale"``, ``"loss"``, ``"grad_norm"``,
-``"skipped"`` (or ``"step_was_skipped"``), ``"zero_fraction"``, ``"underflow_fraction"``; plus
-summary lines (``"summary": true``) that are not steps. Host-only code: no torch, no ranks.
+``"skipped"`` (or ``"step_was_skipped"``), ``"zero_fraction"``, ``"underflow_fraction"``,
+``"headroom_log2"``, ``"scale_change"`` (a code of :data:`distscale.stats.SCALE_CHANGES`); plus
+summary lines (``"summary": true``) that are not steps. Host-only code, no ranks.
 Needs matplotlib: ``pip install "distscale[plot]"``.
 """
 
@@ -16,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DPI", "FIGSIZE", "overflow_rate", "plot_metrics", "read_metrics", "skipped_flag"]
+__all__ = ["DPI", "FIGSIZE", "overflow_rate", "plot_metrics", "read_metrics", "scale_changes", "skipped_flag"]
 
 # Fixed so the PNG is always 1000 x 800 px (no tight bbox, which would crop to content).
 FIGSIZE = (10.0, 8.0)
 DPI = 100
 SKIP_COLOR = "#d62728"  # red markers for skipped steps
+# Markers for the scale changes that are not backoffs (those are the skipped steps' markers).
+CHANGE_MARKERS = {"grew": ("^", "#2ca02c"), "calibrated": ("*", "#9467bd"), "held_at_min": ("x", "#000000")}
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -100,6 +103,21 @@ def overflow_rate(steps: Sequence[int], flags: Sequence[bool], window: int) -> l
     return ((skipped[end] - skipped[start]) / (end - start)).tolist()
 
 
+def scale_changes(records: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, new scale) of each scale change that is not a backoff, by reason (the keys of
+    ``CHANGE_MARKERS``, only those that occur), from the records' ``"scale_change"`` codes."""
+    from distscale.stats import SCALE_CHANGES  # the codes' one home (imports torch: only when asked)
+
+    changes: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        code, scale = record.get("scale_change"), _finite(record, "scale")
+        if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < len(SCALE_CHANGES):
+            reason = SCALE_CHANGES[code]
+            if reason in CHANGE_MARKERS and scale is not None and scale > 0:
+                changes.setdefault(reason, []).append((record["step"], scale))
+    return changes
+
+
 def _not_recorded(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"{what}: not recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
     ax.set_yticks([])
@@ -127,9 +145,10 @@ def plot_metrics(
 ) -> Path:
     """Draw ``records`` (as from :func:`read_metrics`) into ``out_path`` and return it as a Path.
 
-    Panels, sharing the step axis: log2(scale) with skipped steps as red markers at their scale;
-    loss; grad norm (log y when all positive); the overflow rate over ``window`` steps; and, only if
-    recorded, the zero and underflow fractions. A panel without data says "not recorded". The image
+    Panels, sharing the step axis: log2(scale) with skipped steps as red markers at their scale and
+    the other scale changes (grew, calibrated, held at min_scale) marked by reason; loss; grad norm
+    (log y when all positive); the overflow rate over ``window`` steps; and, only if recorded, the
+    fp16 headroom (log2 of 65504 / amax) and the zero and underflow fractions. A panel without data says "not recorded". The image
     is 10 x 8 in at 100 dpi (1000 x 800 px for a PNG); the format follows ``out_path``'s suffix and
     its parent directory is created if missing.
     """
@@ -149,10 +168,11 @@ def plot_metrics(
         raise ImportError(f'plot_metrics needs matplotlib: pip install "distscale[plot]" ({err})') from err
 
     fractions = [k for k in ("zero_fraction", "underflow_fraction") if _series(records, k)[0]]
+    headroom = bool(_series(records, "headroom_log2")[0])
     # A bare Figure on an Agg canvas: no pyplot, no global backend switch, no display needed.
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(4 + bool(fractions), 1, sharex=True)
+    axes = fig.subplots(4 + headroom + bool(fractions), 1, sharex=True)
     fig.suptitle(title if title is not None else f"distscale: {len(records)} steps")
 
     # 1. log2(scale), with skipped steps marked where the scale was when they were skipped.
@@ -174,6 +194,11 @@ def plot_metrics(
             ax.scatter(
                 *zip(*marks, strict=True), color=SKIP_COLOR, marker="v", s=18, zorder=3, label="skipped"
             )
+        for reason, changed in scale_changes(records).items():
+            marker, color = CHANGE_MARKERS[reason]
+            points = [(step, math.log2(scale)) for step, scale in changed]
+            ax.scatter(*zip(*points, strict=True), color=color, marker=marker, s=24, zorder=3, label=reason)
+        if ax.collections:
             ax.legend(loc="best", fontsize="small")
     else:
         _not_recorded(ax, "scale")
@@ -194,9 +219,17 @@ def plot_metrics(
         _not_recorded(ax, "skipped steps")
     ax.set_ylabel(f"overflow rate\n({window} steps)")
 
-    # 5. zero / underflow fractions, log y when positive: they are often tiny next to each other.
-    if fractions:
+    # 5. the headroom the largest scaled gradient left below fp16's maximum (the amax rule's input).
+    if headroom:
         ax = axes[4]
+        steps, values = _series(records, "headroom_log2")
+        ax.plot(steps, values, color="#8c564b", lw=1)
+        ax.axhline(0.0, color=SKIP_COLOR, lw=0.8, ls="--")  # at 0 the largest gradient is at 65504
+        ax.set_ylabel("fp16 headroom\nlog2(65504/amax)")
+
+    # 6. zero / underflow fractions, log y when positive: they are often tiny next to each other.
+    if fractions:
+        ax = axes[-1]
         positive = True
         for key, color in zip(fractions, ("#7f7f7f", "#ff7f0e"), strict=False):
             steps, values = _series(records, key)

@@ -32,15 +32,30 @@ The rule, with ``found = found_inf > 0``::
     overflows_since_backoff = 0 if backoff else overflows_since_backoff + found
 
 With ``rule="amax"`` (``amax``: the job-wide largest |scaled gradient| of the step, see
-:mod:`distscale.overflow`), growth is gated by the headroom it leaves, and the first clean step
-calibrates the scale::
+:mod:`distscale.overflow`), the scale follows the measured headroom: the first clean step
+calibrates it, and growth is gated by, and sized from, the largest amax of the growth interval::
 
     measured = not found and isfinite(amax)
+    peak = max(amax_window, amax) if measured else amax_window
+    fitted = pow2_floor(scale * FP16_MAX / (peak * amax_margin)), within the bounds
     if measured and not calibrated and amax > 0:     # the first clean step picks the scale
-        scale = pow2_floor(scale * FP16_MAX / (amax * amax_margin)), within the bounds
-        calibrated = True; growth_tracker = 0
+        scale = fitted; calibrated = True; growth_tracker = 0
     elif the growth above is due:                    # never blindly
-        grow only if measured and amax * growth_factor * amax_margin <= FP16_MAX
+        if measured and peak * growth_factor * amax_margin <= FP16_MAX:
+            scale = max(scale * growth_factor, fitted if peak > 0 else 0), at most max_scale
+        else:                                        # refused: a new interval begins
+            growth_tracker = 0; peak = 0
+    amax_window = 0 if the scale changed else peak
+
+``amax_window`` is the largest amax of the clean steps of the current interval (since the scale
+last changed or growth was last refused), so growth needs ``growth_interval`` clean steps in a row
+that all left the headroom: one quiet step among noisy ones cannot let the scale grow into the
+next overflow, and the large gradients of early training stop blocking growth one interval after
+they are gone. A growth goes as far as the interval's peak allows in one move (the power of two
+that keeps ``amax_margin`` of headroom above it), so the scale comes back within one interval
+after a backoff caused by a one-off spike, and follows gradients that shrink faster than
+``growth_factor`` per interval. A window of exact zeros says nothing about the headroom: the
+growth is then ``growth_factor``, as torch's.
 
 (``pow2_floor``: the largest power of two not above, read off the float64 exponent bits, so the
 rule stays exact and the fused kernel computes the same bits.)
@@ -85,6 +100,9 @@ class ScaleState(NamedTuple):
     """Overflows since the last backoff."""
     calibrated: Annotated[torch.Tensor, Field(torch.int32, 0, since=4)]
     """1 once the "amax" rule has set the scale from a measured amax (0 before; unused by "torch")."""
+    amax_window: Annotated[torch.Tensor, Field(torch.float32, 0.0, since=4)]
+    """The largest amax of the current growth interval's clean steps (since the scale last changed
+    or a growth was refused; "amax" rule; 0 otherwise)."""
 
     def to(self, device: torch.device | str) -> ScaleState:
         return ScaleState(*(t.to(device) for t in self))
@@ -144,11 +162,14 @@ def update(
         apply_backoff = do_backoff & ~min_event
 
     successful = growth_tracker + 1
-    do_growth = ~found & (successful >= config.growth_interval)
+    growth_due = ~found & (successful >= config.growth_interval)
+    do_growth = growth_due
     calibrated = state.calibrated.clone()  # new tensors only: the caller copies them in place
+    amax_window = state.amax_window.clone()
     if config.rule == "amax":
-        headroom, calibrate, calibrated_scale = _amax_rule(state, found, amax, config, min_scale, max_scale)
-        do_growth = do_growth & headroom & ~calibrate
+        headroom, calibrate, fitted, peak = _amax_rule(state, found, amax, config, min_scale, max_scale)
+        do_growth = growth_due & headroom & ~calibrate
+        refused = growth_due & ~headroom & ~calibrate  # a new interval, a new window
         calibrated = torch.where(calibrate, 1, calibrated)
     grown = _times(scale, config.growth_factor)
     grown_ok = do_growth & torch.isfinite(grown)
@@ -157,13 +178,19 @@ def update(
         apply_backoff, backed_off, torch.where(grown_ok, torch.clamp(grown, max=max_scale), scale)
     )
     if config.rule == "amax":
-        new_scale = torch.where(calibrate, calibrated_scale, new_scale)
+        # The max: fitted rounds down to a power of two, below grown for some scales and factors.
+        jump = torch.where(peak > 0, torch.maximum(torch.clamp(grown, max=max_scale), fitted), new_scale)
+        new_scale = torch.where(calibrate, fitted, torch.where(grown_ok, jump, new_scale))
         do_growth = do_growth | calibrate  # the tracker restarts, the hysteresis refills
+        amax_window = torch.where((new_scale != scale) | refused, 0.0, peak)
+        restart = do_growth | refused
+    else:
+        restart = do_growth
     # Python scalars in torch.where keep the tensor's dtype and cost no extra kernel.
     if config.growth_delay == 0:
-        new_growth_tracker = torch.where(found | do_growth, 0, successful)
+        new_growth_tracker = torch.where(found | restart, 0, successful)
     else:
-        new_growth_tracker = torch.where(found, -config.growth_delay, torch.where(do_growth, 0, successful))
+        new_growth_tracker = torch.where(found, -config.growth_delay, torch.where(restart, 0, successful))
     refill = do_growth if config.hysteresis_refill == "growth" else ~found
     new_hysteresis = torch.where(
         found,
@@ -181,6 +208,7 @@ def update(
         steps_since_rescale=torch.where(do_backoff | do_growth, 0, steps + 1),
         overflows_since_backoff=torch.where(do_backoff, 0, overflows + found.to(overflows.dtype)),
         calibrated=calibrated,
+        amax_window=amax_window,
     )
 
 
@@ -191,17 +219,20 @@ def _amax_rule(
     config: ScalerConfig,
     min_scale: float,
     max_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # (growth would leave the headroom, calibrate now, the calibrated scale).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (growth would leave the headroom, calibrate now, the fitted scale, the window's new peak).
     device = state.scale.device
-    if amax is None:  # not measured: no calibration, no growth
+    if amax is None:  # not measured: no calibration, no growth, the window as it was
         never = torch.zeros((), dtype=torch.bool, device=device)
-        return never, never, state.scale
+        return never, never, state.scale, state.amax_window
     a = amax.to(device=device, dtype=torch.float64)
     measured = ~found & torch.isfinite(a)
-    headroom = measured & (a * (config.growth_factor * config.amax_margin) <= FP16_MAX)
+    # float32 values, so the max is exact and the window stores it unrounded.
+    peak = torch.where(measured, torch.maximum(state.amax_window, a.float()), state.amax_window)
+    headroom = measured & (peak.double() * (config.growth_factor * config.amax_margin) <= FP16_MAX)
     calibrate = measured & (a > 0) & (state.calibrated == 0)
-    # Headroom of margin for the largest scaled gradient: a power of two, within float32's range.
-    target = state.scale.double() * FP16_MAX / (a * config.amax_margin)
+    # Headroom of margin above the window's largest scaled gradient: a power of two, within
+    # float32's range (a zero peak gives inf, clamped; it is never used, see update()).
+    target = state.scale.double() * FP16_MAX / (peak.double() * config.amax_margin)
     pow2 = pow2_floor(torch.clamp(torch.nan_to_num(target, nan=1.0), *_POW2_RANGE)).float()
-    return headroom, calibrate, torch.clamp(pow2, min=min_scale, max=max_scale)
+    return headroom, calibrate, torch.clamp(pow2, min=min_scale, max=max_scale), peak

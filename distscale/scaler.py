@@ -72,7 +72,8 @@ class GradScaler:
             "amax" sets it from the largest scaled gradient the check measures (in its pass with
             Triton, one more read otherwise), carried in the step's collective: the first clean
             step picks the scale that leaves ``amax_margin`` of fp16 headroom, and the scale grows
-            only when the headroom allows it (see :class:`~distscale.ScalerConfig`).
+            only when every clean step since the last change leaves that headroom (see
+            :class:`~distscale.ScalerConfig`).
         process_group: the ranks that share one skip decision; default: the world group once
             torch.distributed is initialized. Every rank of it must call the scaler's methods in
             the same order (they do in SPMD training).
@@ -117,7 +118,7 @@ class GradScaler:
         growth_delay: int = 0,
         tolerance: float = 0.0,
         rule: Rule = "torch",
-        amax_margin: float = 2.0**8,
+        amax_margin: float = 2.0**3,
         process_group: dist.ProcessGroup | None = None,
         mesh: DeviceMesh | None = None,
         replicate_dims: Sequence[str] | None = None,
@@ -284,7 +285,9 @@ class GradScaler:
         if self._enabled:
             if device is None:
                 cuda = self._device == "cuda"
-                device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(self._device)
+                device = (
+                    torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(self._device)
+                )
             self._lazy_init(torch.device(device))
         return pipelining.ScaledLossFn(loss_fn, self._state.scale if self._enabled else None)
 
@@ -377,7 +380,7 @@ class GradScaler:
 
         All ranks compute the same new state and metrics (see ``metrics()``), in place on their
         tensors (CUDA-graph safe; one Triton launch on CUDA). ``update(new_scale)`` only sets the
-        scale: the rule and the metrics do not advance. ``found_inf``: a job-wide overflow flag
+        scale (and empties the "amax" rule's window): the rule and the metrics do not advance. ``found_inf``: a job-wide overflow flag
         decided elsewhere (a DeepSpeed engine's, see :mod:`distscale.deepspeed_engine`), instead of
         this step's checks; every rank must pass the same value.
         Host syncs: none, except with ``on_min_scale`` "warn"/"raise" on steps whose flags
@@ -439,6 +442,7 @@ class GradScaler:
                     f"requires_grad={new_scale.requires_grad}."
                 )
             self._state.scale.copy_(new_scale.reshape(()))
+            self._state.amax_window.zero_()  # scaled magnitudes: they described the old scale
             return
         if isinstance(new_scale, bool) or not isinstance(new_scale, numbers.Real):
             raise TypeError(f"new_scale must be a float or a tensor, got {type(new_scale).__name__}.")
@@ -448,6 +452,7 @@ class GradScaler:
                 f"[{self._config.min_scale}, {self._config.max_scale}], got {new_scale!r}."
             )
         self._state.scale.fill_(float(new_scale))
+        self._state.amax_window.zero_()
 
     def _report_min_scale(self) -> None:
         if self._config.on_min_scale == "clamp" or self._config.min_scale is None:

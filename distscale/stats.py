@@ -24,7 +24,15 @@ from distscale.fields import Field
 if TYPE_CHECKING:
     from distscale.policy import ScaleState
 
-__all__ = ["SCALE_CHANGES", "STATS_DTYPES", "ScalerStats", "StepOutcome", "headroom_log2", "init_stats", "update_stats"]
+__all__ = [
+    "SCALE_CHANGES",
+    "STATS_DTYPES",
+    "ScalerStats",
+    "StepOutcome",
+    "headroom_log2",
+    "init_stats",
+    "update_stats",
+]
 
 # Smallest magnitude that survives a cast to float16: 2**-25 rounds (to even) to zero, anything
 # above rounds to at least the smallest subnormal 2**-24.
@@ -144,4 +152,6 @@ def _scale_change(old: ScaleState, new: ScaleState) -> torch.Tensor:
     calibrated = new.calibrated > old.calibrated
     grew, backed_off = new.scale > old.scale, new.scale < old.scale
     held = new.num_min_scale_events > old.num_min_scale_events
-    return torch.where(calibrated, 3, torch.where(grew, 1, torch.where(backed_off, 2, torch.where(held, 4, 0))))
+    return torch.where(
+        calibrated, 3, torch.where(grew, 1, torch.where(backed_off, 2, torch.where(held, 4, 0)))
+    )

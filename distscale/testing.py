@@ -44,7 +44,9 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     result: Any
     try:
-        dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world_size
+        )
         result = ("ok", fn(rank, world_size, *args))
         dist.barrier()
         dist.destroy_process_group()

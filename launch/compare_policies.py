@@ -1,6 +1,6 @@
 """Run the main job under each scaling rule and print what each did, side by side.
 
-    python launch/compare_policies.py                       # torch, deepspeed, megatron, fairseq
+    python launch/compare_policies.py                       # torch, deepspeed, megatron, fairseq, amax
     python launch/compare_policies.py --steps 300 --nproc 4 --policies torch deepspeed
     python launch/compare_policies.py --out bench/results/policies.md -- --parallel ddp
 
@@ -25,7 +25,10 @@ sys.path.insert(0, str(HERE))
 
 from train import POLICIES  # noqa: E402  (launch/ is not a package)
 
-COLUMNS = ("policy", "skipped steps", "final loss", "final scale", "min scale", "max consecutive", "wall s")
+COLUMNS = (
+    "policy", "skipped steps", "final loss", "final scale", "mean log2 scale", "underflow", "min scale",
+    "max consecutive", "wall s",
+)  # fmt: skip
 
 
 def command(policy: str, nproc: int, steps: int, metrics: Path, extra: list[str]) -> list[str]:
@@ -42,21 +45,34 @@ def summarize(policy: str, metrics: Path) -> dict[str, Any]:
     summary = next(line for line in reversed(lines) if line.get("summary"))
     steps = [line for line in lines if not line.get("summary")]
     scales = [s["scale"] for s in steps]
+    # The underflow monitor's readings (every --underflow-every steps): the mean fraction of
+    # gradient elements the scale left at or below fp16's smallest subnormal.
+    readings = [s["underflow_fraction"] for s in steps if _measured(s.get("underflow_fraction"))]
     return {
         "policy": policy,
         "skipped steps": summary["skipped_steps"],
         "final loss": summary["final_loss"],
         "final scale": summary["scale"],
         "min scale": min(scales) if scales else math.nan,
+        "mean log2 scale": sum(map(math.log2, scales)) / len(scales) if scales else math.nan,
+        "underflow": sum(readings) / len(readings) if readings else math.nan,
         "max consecutive": max((s.get("max_consecutive_overflows", 0) for s in steps), default=0),
         "wall s": summary["wall_time_s"],
     }
+
+
+def _measured(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     def cell(column: str, value: Any) -> str:
         if column == "wall s":
             return f"{value:.1f}"
+        if column == "mean log2 scale":
+            return f"{value:.2f}"
+        if column == "underflow":
+            return f"{value:.2e}"
         if isinstance(value, float):
             return f"{value:.4f}" if abs(value) < 100 else f"{value:g}"
         return str(value)

@@ -44,8 +44,9 @@ from distscale.env import init_distributed
 from distscale.sinks import JsonlSink, MetricsLogger, MetricsSink, TensorBoardSink
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# The scaling rules the job can run: torch's, and the presets that reproduce the peers' rules.
-POLICIES = ("torch", "deepspeed", "megatron", "fairseq")
+# The scaling rules the job can run: torch's, the presets that reproduce the peers' rules, and
+# distscale's amax-guided rule.
+POLICIES = ("torch", "deepspeed", "megatron", "fairseq", "amax")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,8 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--policy",
         choices=POLICIES,
         default="torch",
-        help="scaling rule: torch's, or the DeepSpeed / Megatron / fairseq preset (with this job's "
-        "--init-scale and --growth-interval as their initial scale and window, their own defaults otherwise)",
+        help="scaling rule: torch's, the DeepSpeed / Megatron / fairseq preset (with this job's "
+        "--init-scale and --growth-interval as their initial scale and window, their own defaults "
+        "otherwise), or amax (grows only with headroom; see --amax-margin)",
+    )
+    p.add_argument(
+        "--amax-margin", type=float, default=2.0**3, help="--policy amax: fp16 headroom kept (a factor > 1)"
     )
     p.add_argument(
         "--diagnose-overflow",
@@ -202,9 +207,10 @@ def make_scaler(args: argparse.Namespace, device_type: str, **layout: Any) -> Gr
         "overflow_diagnostics": args.diagnose_overflow,
         "underflow_every": args.underflow_every,
     }
-    if args.policy == "torch":
+    if args.policy in ("torch", "amax"):
+        rule = {"rule": "amax", "amax_margin": args.amax_margin} if args.policy == "amax" else {}
         return GradScaler(
-            device_type, init_scale=args.init_scale, growth_interval=args.growth_interval, **common
+            device_type, init_scale=args.init_scale, growth_interval=args.growth_interval, **rule, **common
         )
     if args.policy == "deepspeed":
         power = math.log2(args.init_scale)

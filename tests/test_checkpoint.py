@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import math
 
 import pytest
 import torch
@@ -331,6 +332,9 @@ BAD = {
         TypeError,
         "overflows_since_backoff",
     ),
+    "amax-window-negative": (_set(["state", "amax_window"], -1.0), ValueError, "amax_window"),
+    "amax-window-inf": (_set(["state", "amax_window"], math.inf), ValueError, "amax_window"),
+    "amax-window-str": (_set(["state", "amax_window"], "0"), TypeError, "amax_window"),
     "missing-new-state-key": (_del(["state", "steps_since_rescale"]), ValueError, "'steps_since_rescale'"),
     "missing-new-config-key": (_del(["config", "tolerance"]), ValueError, "'tolerance'"),
     "growth-tracker-below-delay": (
@@ -420,8 +424,6 @@ def test_empty_or_non_mapping_state(bad):
     assert target.state_dict() == before
 
 
-
-
 @pytest.mark.parametrize("version", [True, 1.0, "1"])
 def test_format_version_must_be_the_int(version):
     scaler = GradScaler("cpu")
@@ -494,9 +496,9 @@ def test_version_3_state_dict_loads_with_torchs_rule_and_fresh_amax_fields():
     state = source.state_dict()
     target = GradScaler("cpu", rule="amax", amax_margin=8.0)
     target.load_state_dict(_as_version(state, 3))
-    assert (target.config.rule, target.config.amax_margin) == ("torch", 256.0)  # version 3's only rule
+    assert (target.config.rule, target.config.amax_margin) == ("torch", 8.0)  # version 3's only rule
     loaded = target.state_dict()
-    assert loaded["state"] == {**state["state"], "calibrated": 0}
+    assert loaded["state"] == {**state["state"], "calibrated": 0, "amax_window": 0.0}
     assert loaded["stats"] == {**state["stats"], "amax": None, "headroom_log2": None, "scale_change": 0}
     with pytest.raises(ValueError, match=r"missing \['amax'"):
         broken = copy.deepcopy(state)

@@ -52,4 +52,5 @@ def test_checkpoint_keys_and_version_derive_from_the_declarations() -> None:
         "steps_since_rescale",
         "overflows_since_backoff",
         "calibrated",
+        "amax_window",
     }

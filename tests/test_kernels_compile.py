@@ -48,6 +48,7 @@ UPDATE_TYPES = {
             "amax_out_ptr",
             "headroom_out_ptr",
             "amax_in_ptr",
+            "amax_window_ptr",
         ],
         "*fp32",
     ),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from distscale.stats import SCALE_CHANGES
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
 
@@ -60,6 +62,7 @@ def test_compare_policies_and_plot_the_main_jobs_metrics(tmp_path: Path) -> None
     for row in rows:
         assert row["skipped steps"] > 0 and math.isfinite(row["final loss"]), row
         assert row["min scale"] < 2.0**30
+        assert math.isfinite(row["mean log2 scale"]) and 0 <= row["underflow"] < 1, row
     text = out.read_text()
     assert all(f"| {p} |" in text for p in train.POLICIES)
 
@@ -75,6 +78,16 @@ def test_compare_policies_and_plot_the_main_jobs_metrics(tmp_path: Path) -> None
         zero = [s["zero_fraction"] for s in steps]
         assert all(v is not None and 0 < v < 1 for v in zero), zero
         assert zero[1:5] == [zero[0]] * 4 and zero[6:10] == [zero[5]] * 4
+
+    # The amax rule: measured on every clean step; the first one calibrates the scale.
+    steps = [json.loads(x) for x in (tmp_path / "amax.jsonl").read_text().splitlines()][:-1]
+    first_clean = next(i for i, s in enumerate(steps) if not s["skipped"])
+    assert all(s["amax"] is None and s["headroom_log2"] is None for s in steps[:first_clean])
+    assert all(s["amax"] > 0 for s in steps[first_clean:]), steps
+    assert SCALE_CHANGES[steps[first_clean]["scale_change"]] == "calibrated"
+    # The scale the step ran at, times the headroom of its amax less the default margin (2^3).
+    ran_at, amax = steps[first_clean - 1]["scale"], steps[first_clean]["amax"]
+    assert steps[first_clean]["scale"] == 2.0 ** math.floor(math.log2(ran_at * 65504 / (amax * 8)))
 
     png = tmp_path / "torch.png"
     proc = subprocess.run(

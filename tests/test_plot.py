@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 
 from distscale.__main__ import main
-from distscale.plot import DPI, FIGSIZE, SKIP_COLOR, overflow_rate, plot_metrics, read_metrics
+from distscale.plot import (
+    CHANGE_MARKERS,
+    DPI,
+    FIGSIZE,
+    SKIP_COLOR,
+    overflow_rate,
+    plot_metrics,
+    read_metrics,
+    scale_changes,
+)
+from distscale.stats import SCALE_CHANGES
 
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED = {40, 41, 42, 90, 150}
@@ -158,6 +168,52 @@ def test_plot_missing_panels_and_default_output(tmp_path: Path, capsys: pytest.C
     image = _image(out)
     assert image.shape[:2] == (FIGSIZE[1] * DPI, FIGSIZE[0] * DPI)
     assert not _has_colour(image[..., :3], SKIP_COLOR, tol=0.02), "nothing was skipped"
+
+
+def _amax_records() -> list[dict]:
+    """An amax-rule run: skipped at step 0, calibrated at 1, grows at 30 and 60, held at min at 80."""
+    code = {name: i for i, name in enumerate(SCALE_CHANGES)}
+    records, scale = [], 2.0**20
+    for step in range(100):
+        change = {0: "backed_off", 1: "calibrated", 30: "grew", 60: "grew", 80: "held_at_min"}.get(
+            step, "unchanged"
+        )
+        scale = {"backed_off": scale / 2, "calibrated": 2.0**12, "grew": scale * 4}.get(change, scale)
+        amax = None if step == 0 else 2.0 ** (6 + step / 50)
+        records.append(
+            {
+                "step": step,
+                "scale": scale,
+                "skipped": step in (0, 80),
+                "amax": amax,
+                "headroom_log2": None if amax is None else float(int(16 - 6 - step / 50)),
+                "scale_change": code[change],
+            }
+        )
+    return records
+
+
+def test_plot_marks_scale_changes_by_reason_and_draws_the_headroom(tmp_path: Path) -> None:
+    records = _amax_records()
+    assert scale_changes(records) == {
+        "calibrated": [(1, 2.0**12)],
+        "grew": [(30, 2.0**14), (60, 2.0**16)],
+        "held_at_min": [(80, 2.0**16)],
+    }
+    rgb = _image(plot_metrics(records, tmp_path / "amax.png"))[..., :3]
+    for reason, (_, color) in CHANGE_MARKERS.items():
+        assert _has_colour(rgb, color), f"no {reason} marker colour in the image"
+    assert _has_colour(rgb, "#8c564b"), "no headroom line"
+    # Without the amax fields: no headroom panel, no change markers (codes of another version skipped).
+    plain = [
+        {k: v for k, v in r.items() if k not in ("headroom_log2", "amax")} | {"scale_change": 99}
+        for r in records
+    ]
+    assert scale_changes(plain) == {}
+    rgb = _image(plot_metrics(plain, tmp_path / "plain.png"))[..., :3]
+    assert not _has_colour(rgb, "#8c564b", tol=0.02) and not _has_colour(
+        rgb, CHANGE_MARKERS["grew"][1], tol=0.02
+    )
 
 
 def test_plot_metrics_rejects_bad_arguments(tmp_path: Path) -> None:

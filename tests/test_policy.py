@@ -72,6 +72,7 @@ def test_init_state():
         "steps_since_rescale": 0,
         "overflows_since_backoff": 0,
         "calibrated": 0,
+        "amax_window": 0.0,
     }
 
 
@@ -428,15 +429,26 @@ def test_amax_rule_calibrates_at_the_first_clean_step_to_a_power_of_two_below_th
     assert got[2]["scale"] == 2.0**21  # calibrated once; later steps grow only by the rule below
 
 
-def test_amax_rule_grows_only_when_the_headroom_allows_it():
+def test_amax_rule_grows_only_after_an_interval_that_all_left_the_headroom_and_as_far_as_it_allows():
     config = ScalerConfig(rule="amax", init_scale=1024.0, amax_margin=16.0, growth_interval=2)
     steps = [(0.0, 2.0)]  # calibrates: 1024 * 65504 / (2 * 16) = 2.096e6 -> 2^20
-    steps += [(0.0, 3000.0), (0.0, 3000.0)]  # interval reached, 3000 * 2 * 16 = 96000 > 65504: no growth
-    steps += [(0.0, 1000.0)]  # 1000 * 2 * 16 = 32000 <= 65504: grows
+    steps += [(0.0, 3000.0), (0.0, 3000.0)]  # due, 3000 * 2 * 16 = 96000 > 65504: refused, a new interval
+    steps += [(0.0, 1000.0), (0.0, 800.0)]  # due, the interval's peak 1000 fits (3000 no longer counts)
+    steps += [(1.0, float("nan"))]  # backoff: a new scale, an empty window
+    steps += [(0.0, 100.0), (0.0, 50.0)]  # due, peak 100: the scale comes back, and further
     got = _amax_run(config, steps)
-    assert got[0]["scale"] == 2.0**20
-    assert [g["scale"] for g in got[1:]] == [2.0**20, 2.0**20, 2.0**21]
-    assert got[2]["growth_tracker"] == 2  # the tracker keeps counting while growth waits
+    # 2^20 * 65504 / (1000 * 16) = 2^20 * 4.09 -> 2^22; 2^21 * 65504 / (100 * 16) = 2^21 * 40.9 -> 2^26.
+    assert [g["scale"] for g in got] == [2.0**20] * 4 + [2.0**22, 2.0**21, 2.0**21, 2.0**26]
+    assert [g["amax_window"] for g in got] == [0.0, 3000.0, 0.0, 1000.0, 0.0, 0.0, 100.0, 0.0]
+    assert [g["growth_tracker"] for g in got] == [0, 1, 0, 1, 0, 0, 1, 0]
+
+
+def test_amax_rule_grows_by_the_growth_factor_when_the_window_holds_only_zeros():
+    # All-zero gradients say nothing about the headroom: no jump to float32's largest power of two.
+    config = ScalerConfig(rule="amax", init_scale=1024.0, growth_interval=2, max_scale=2.0**40)
+    got = _amax_run(config, [(0.0, 0.0)] * 4)
+    assert [g["scale"] for g in got] == [1024.0, 2048.0, 2048.0, 4096.0]
+    assert all(g["calibrated"] == 0 for g in got)  # a zero amax does not calibrate either
 
 
 def test_amax_rule_never_grows_or_calibrates_blind_and_backs_off_as_torch():

@@ -42,5 +42,3 @@ def test_presets_two_ranks_one_rank_overflows() -> None:
     assert "min_scale" in results[0][("ddp", "deepspeed")]["error"]
     megatron = results[0][("ddp", "megatron")]["scales"]
     assert megatron.count(256.0) >= 3  # clamped at min_loss_scale, no error
-
-

@@ -602,7 +602,9 @@ def test_check_only_leaves_grads_unchanged(dtype):
         grads = _grads(dtype, INF)
         originals = [g.clone() for g in grads]
         found_inf = torch.zeros(())
-        kernels.check_(grads, found_inf, None, backend=kernels.backend(kernel, grads[0].device, grads[0].dtype))
+        kernels.check_(
+            grads, found_inf, None, backend=kernels.backend(kernel, grads[0].device, grads[0].dtype)
+        )
         assert found_inf.item() == 1.0
         assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(grads, originals, strict=True))
 

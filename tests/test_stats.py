@@ -227,7 +227,9 @@ def test_missing_stats_key_is_named() -> None:
 def test_amax_headroom_and_scale_changes_follow_the_step() -> None:
     model = tiny.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = distscale.GradScaler("cpu", init_scale=2.0**12, growth_interval=2, rule="amax", amax_margin=2.0**4)
+    scaler = distscale.GradScaler(
+        "cpu", init_scale=2.0**12, growth_interval=2, rule="amax", amax_margin=2.0**4
+    )
     seen = []
     for step in range(6):
         opt.zero_grad(set_to_none=True)
@@ -251,7 +253,21 @@ def test_amax_headroom_and_scale_changes_follow_the_step() -> None:
     assert codes[0] == "calibrated" and seen[0][1] == 2.0 ** round(math.log2(seen[0][1]))
     assert codes[3] == "backed_off" and seen[3][1] == 0.5
     assert all(c in ("unchanged", "grew") for c in codes[1:3] + codes[4:])
-    assert all(ratio == 2.0 for code, ratio in zip(codes, (r for _, r in seen), strict=True) if code == "grew")
+    grew = [ratio for code, ratio in seen if stats.SCALE_CHANGES[code] == "grew"]
+    assert all(r >= 2.0 and r == 2.0 ** round(math.log2(r)) for r in grew), grew  # as far as the peak allows
+
+
+def test_a_scale_set_by_hand_empties_the_amax_window() -> None:
+    model = tiny.model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = distscale.GradScaler("cpu", init_scale=2.0**12, growth_interval=100, rule="amax")
+    tiny.run(scaler, model, opt, {}, 3)  # calibrates, then two steps fill the window
+    assert scaler.state_dict()["state"]["amax_window"] > 0
+    scaler.update(new_scale=2.0**5)  # magnitudes scaled by the old scale describe nothing now
+    assert scaler.state_dict()["state"]["amax_window"] == 0.0
+    with pytest.raises(ValueError, match="new_scale"):
+        scaler.update(new_scale=-1.0)  # refused before anything changes
+    assert scaler.get_scale() == 2.0**5
 
 
 def test_the_torch_rule_does_not_measure_amax() -> None:

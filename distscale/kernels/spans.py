@@ -68,7 +68,9 @@ def _build(tensors: list[torch.Tensor]) -> _Plan:
     dense: list[int] = []
     for i, t in enumerate(tensors):
         if t.numel() and t.is_contiguous():
-            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((int(t.storage_offset()), t.numel(), i))
+            by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(
+                (int(t.storage_offset()), t.numel(), i)
+            )
         else:
             kept.append(i)
     runs: list[tuple[int, int]] = []
@@ -98,7 +100,9 @@ def _build(tensors: list[torch.Tensor]) -> _Plan:
     return _Plan(tuple(sorted(kept)), tuple(runs), tuple(sorted(dense)))
 
 
-def _pick(tensors: list[torch.Tensor], indices: tuple[int, ...]) -> tuple[torch.Tensor, ...] | list[torch.Tensor]:
+def _pick(
+    tensors: list[torch.Tensor], indices: tuple[int, ...]
+) -> tuple[torch.Tensor, ...] | list[torch.Tensor]:
     if len(indices) == len(tensors):
         return tensors
     return operator.itemgetter(*indices)(tensors) if len(indices) > 1 else tuple(tensors[i] for i in indices)

@@ -146,7 +146,9 @@ def _check_kernel(
     ptrs = base + start + offs
     # Full blocks (the common case) run unmasked so that loads and stores vectorize.
     if (lo == 0) & (hi == BLOCK) & ((nhi == 0) | (nhi == BLOCK)):
-        bad, part, amax = _visit(ptrs, offs < BLOCK, nhi == BLOCK, inv, UNSCALE, NORM, AMAX, False, BF16_BY_HAND)
+        bad, part, amax = _visit(
+            ptrs, offs < BLOCK, nhi == BLOCK, inv, UNSCALE, NORM, AMAX, False, BF16_BY_HAND
+        )
     else:
         in_range = (offs >= lo) & (offs < hi)
         bad, part, amax = _visit(

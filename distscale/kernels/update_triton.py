@@ -32,7 +32,7 @@ __all__ = ["update_"]
 def _update_kernel(
     # state (read and written in place)
     scale_ptr, growth_ptr, hyst_ptr, updates_ptr, skipped_ptr, min_events_ptr, since_rescale_ptr,
-    overflows_since_ptr, calibrated_ptr,
+    overflows_since_ptr, calibrated_ptr, amax_window_ptr,
     # stats (read and written in place)
     ovf_ptr, consec_ptr, max_consec_ptr, since_ovf_ptr, at_min_ptr, was_skipped_ptr, norm_out_ptr,
     zero_out_ptr, under_out_ptr, amax_out_ptr, headroom_out_ptr, change_out_ptr,
@@ -77,42 +77,52 @@ def _update_kernel(
         apply_backoff = do_backoff
 
     successful = growth + 1
-    do_growth = (found == 0) & (successful >= GROWTH_INTERVAL)
+    growth_due = (found == 0) & (successful >= GROWTH_INTERVAL)
+    do_growth = growth_due
+    refused = found & (found == 0)  # never, unless the amax rule refuses a due growth
     calibrated = tl.load(calibrated_ptr)
+    window = tl.load(amax_window_ptr)
     amax = tl.load(amax_in_ptr)  # without HAS_AMAX, found's value: read, never used
     calibrate = found & (found == 0)  # never, unless the amax rule says so
-    calibrated_scale = scale
+    fitted = scale
+    peak = window
     if AMAX_RULE:
         if HAS_AMAX:
             a = amax.to(tl.float64)
             measured = (found == 0) & (a == a) & (tl.abs(a) < float("inf"))
             calibrate = measured & (a > 0) & (calibrated == 0)
-            headroom = measured & (a * (growth_factor * amax_margin) <= _FP16_MAX)
-            do_growth = do_growth & headroom & (calibrate == 0)
-            # The power of two below scale * FP16_MAX / (amax * margin): its exponent bits, within
+            peak = tl.where(measured, tl.maximum(window, amax), window)
+            headroom = measured & (peak.to(tl.float64) * (growth_factor * amax_margin) <= _FP16_MAX)
+            do_growth = growth_due & headroom & (calibrate == 0)
+            refused = growth_due & (headroom == 0) & (calibrate == 0)
+            # The power of two below scale * FP16_MAX / (peak * margin): its exponent bits, within
             # float32's normal powers of two (as distscale.policy.pow2_floor).
-            target = scale.to(tl.float64) * _FP16_MAX / (a * amax_margin)
+            target = scale.to(tl.float64) * _FP16_MAX / (peak.to(tl.float64) * amax_margin)
             target = tl.where(target == target, target, 1.0)
             target = tl.minimum(tl.maximum(target, _POW2_MIN), _POW2_MAX)
             pow2 = (target.to(tl.int64, bitcast=True) & _EXPONENT_BITS).to(tl.float64, bitcast=True)
-            calibrated_scale = pow2.to(tl.float32)
+            fitted = pow2.to(tl.float32)
             if HAS_MIN:
-                calibrated_scale = tl.maximum(calibrated_scale, min_scale)
+                fitted = tl.maximum(fitted, min_scale)
             if HAS_MAX:
-                calibrated_scale = tl.minimum(calibrated_scale, max_scale)
-        else:
-            do_growth = do_growth & (found & (found == 0))  # amax not measured: never grow
+                fitted = tl.minimum(fitted, max_scale)
+        else:  # amax not measured: never grow
+            do_growth = growth_due & (found & (found == 0))
+            refused = growth_due
     grown = (scale.to(tl.float64) * growth_factor).to(tl.float32)
     grown_ok = do_growth & (grown == grown) & (tl.abs(grown) < float("inf"))
     if HAS_MAX:
         grown = tl.minimum(grown, max_scale)
+    if AMAX_RULE:  # as far as the window allows (a window of zeros: growth_factor)
+        grown = tl.where(peak > 0, tl.maximum(grown, fitted), grown)
     new_scale = tl.where(apply_backoff, backed_off, tl.where(grown_ok, grown, scale))
-    new_scale = tl.where(calibrate, calibrated_scale, new_scale)
+    new_scale = tl.where(calibrate, fitted, new_scale)
     do_growth = do_growth | calibrate  # the tracker restarts, the hysteresis refills
+    restart = do_growth | refused  # a refused growth starts a new interval
     if GROWTH_DELAY == 0:
-        new_growth = tl.where(found | do_growth, 0, successful)
+        new_growth = tl.where(found | restart, 0, successful)
     else:
-        new_growth = tl.where(found, -GROWTH_DELAY, tl.where(do_growth, 0, successful))
+        new_growth = tl.where(found, -GROWTH_DELAY, tl.where(restart, 0, successful))
     if REFILL_ON_GROWTH:
         refill = do_growth
     else:
@@ -128,6 +138,8 @@ def _update_kernel(
     tl.store(since_rescale_ptr, tl.where(do_backoff | do_growth, 0, steps + 1))
     tl.store(overflows_since_ptr, tl.where(do_backoff, 0, overflows + found64))
     tl.store(calibrated_ptr, tl.where(calibrate, 1, calibrated).to(tl.int32))
+    if AMAX_RULE:
+        tl.store(amax_window_ptr, tl.where((new_scale != scale) | refused, 0.0, peak))
 
     # The metrics: see distscale.stats.update_stats.
     if HAS_STEP_OVF:

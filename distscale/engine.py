@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
+
+# torch's own enum: code that compares a stage with torch.amp.grad_scaler.OptState keeps working.
+from torch.amp.grad_scaler import OptState
 
 from distscale import consistency, diagnostics, underflow
 from distscale.collectives import Contribution, ReduceGroup
@@ -34,14 +36,6 @@ from distscale.policy import ScaleState
 from distscale.stats import StepOutcome
 
 __all__ = ["OptRecord", "OptState", "ReducedFlags", "StepEngine", "inv_scale", "takes_grad_scale"]
-
-
-class OptState(Enum):
-    """torch.amp.GradScaler's per-optimizer stages (what the *user* has called)."""
-
-    READY = 0
-    UNSCALED = 1
-    STEPPED = 2
 
 
 def inv_scale(state: ScaleState) -> torch.Tensor:
@@ -174,6 +168,10 @@ class StepEngine:
             rec = self._step.records[id(optimizer)] = OptRecord(weakref.ref(optimizer))
         return rec
 
+    def step_records(self) -> dict[int, OptRecord]:
+        """The current step's records, by ``id(optimizer)`` (a copy of the mapping)."""
+        return dict(self._step.records)
+
     @property
     def in_progress(self) -> bool:
         """Whether a step has started (some scaler call since the last ``update()``)."""
@@ -254,6 +252,34 @@ class StepEngine:
             retval = optimizer.step(*args, **kwargs)
         rec.stage = OptState.STEPPED
         return retval
+
+    def check_inf(self, optimizer: torch.optim.Optimizer, state: ScaleState) -> torch.Tensor:
+        """``optimizer``'s job-wide inf/NaN flag for this step: its grads checked as they are
+        (scaled, unless the user unscaled them), then the step's collective. For optimizers that
+        unscale for themselves (torch's legacy ``grad_scaler=`` protocol)."""
+        rec = self.record(optimizer)
+        self._check(rec, optimizer, state, unscale=rec.unscaled)
+        self._reduce(state)
+        assert rec.found_inf is not None
+        return rec.found_inf
+
+    def legacy_step(
+        self, optimizer: torch.optim.Optimizer, scaler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """``optimizer.step(*args, grad_scaler=scaler, **kwargs)``: the optimizer takes the
+        decision itself, through ``scaler._check_inf_per_device`` (see :meth:`check_inf`)."""
+        retval = optimizer.step(*args, **{**kwargs, "grad_scaler": scaler})
+        self.record(optimizer).stage = OptState.STEPPED
+        return retval
+
+    def found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:
+        """torch's ``found_inf_per_device`` of ``optimizer`` in this step: the job-wide flag once
+        reduced, this rank's before, nothing before a check."""
+        rec = self._step.records.get(id(optimizer))
+        if rec is None or rec.optimizer() is not optimizer:
+            return {}
+        flag = rec.found_inf if rec.found_inf is not None else rec.local_found_inf
+        return {} if flag is None else {flag.device: flag}
 
     def finish(self, state: ScaleState) -> StepOutcome:
         """Reduce what is pending and end the step: its outcome, the same on every rank."""

@@ -19,6 +19,8 @@ persistence and pickling. Per optimizer step (between two ``update()`` calls):
 
 from __future__ import annotations
 
+import collections
+import functools
 import inspect
 import math
 import numbers
@@ -35,7 +37,7 @@ from distscale import checkpoint, fields, kernels, pipelining, policy, presets, 
 from distscale.collectives import ReduceGroup
 from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, Rule, ScalerConfig
 from distscale.diagnostics import OverflowReport
-from distscale.engine import OptState, StepEngine
+from distscale.engine import OptState, StepEngine, takes_grad_scale
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.layout import Layout
@@ -371,6 +373,9 @@ class GradScaler:
         self._require_init("step")
         if self._engine.record(optimizer).stage is OptState.STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
+        if takes_grad_scale(optimizer) and _accepts_grad_scaler(optimizer.step):
+            # torch's legacy protocol: the optimizer decides through _check_inf_per_device.
+            return self._engine.legacy_step(optimizer, self, args, kwargs)
         return self._engine.step(optimizer, self._state, args, kwargs)
 
     def update(
@@ -607,6 +612,134 @@ class GradScaler:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    # ------------------------------------------------------------------ torch's internals
+    #
+    # Code written against torch.amp.GradScaler reaches into these (accelerate's FSDP2 load_state,
+    # optimizers of the legacy ``grad_scaler=`` protocol, tests). Each is backed by distscale's
+    # state and behaves as torch's: the same types, devices and ``None`` before the first scale().
+
+    @property
+    def _scale(self) -> torch.Tensor | None:
+        """The live 0-dim float32 scale tensor (None before the first ``scale()`` or disabled)."""
+        return self._state.scale if self._enabled and self._initialized else None
+
+    @_scale.setter
+    def _scale(self, value: torch.Tensor) -> None:
+        self._assign_state("_scale", value, self._state.scale)
+
+    @property
+    def _growth_tracker(self) -> torch.Tensor | None:
+        """The live 0-dim int32 growth tracker (None before the first ``scale()`` or disabled)."""
+        return self._state.growth_tracker if self._enabled and self._initialized else None
+
+    @_growth_tracker.setter
+    def _growth_tracker(self, value: torch.Tensor) -> None:
+        self._assign_state("_growth_tracker", value, self._state.growth_tracker)
+
+    def _assign_state(self, name: str, value: object, target: torch.Tensor) -> None:
+        # torch's attribute is rebound; here the value is copied into the state it stands for.
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"{name} must be a 1-element tensor, got {type(value).__name__} {value!r}.")
+        self._lazy_init(value.device)
+        target.copy_(value.reshape(()))
+
+    @property
+    def _init_scale(self) -> float:
+        return self._config.init_scale
+
+    @property
+    def _init_growth_tracker(self) -> int:
+        return -self._config.growth_delay
+
+    @property
+    def _growth_factor(self) -> float:
+        return self._config.growth_factor
+
+    @property
+    def _backoff_factor(self) -> float:
+        return self._config.backoff_factor
+
+    @property
+    def _growth_interval(self) -> int:
+        return self._config.growth_interval
+
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device | str) -> None:
+        """Place the state on ``dev`` now, as the first ``scale()`` would (a loaded state is kept).
+        Raises as torch does when it is already placed."""
+        if self._initialized:
+            raise ScalerUsageError("_growth_tracker initialized before _scale")
+        self._lazy_init(torch.device(dev))
+
+    def _check_scale_growth_tracker(self, funcname: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self._require_init(funcname)
+        return self._state.scale, self._state.growth_tracker
+
+    def _get_scale_async(self) -> torch.Tensor | None:
+        """The scale tensor, no sync (None before the first ``scale()``)."""
+        return self._scale
+
+    @property
+    def _per_optimizer_states(self) -> dict[int, dict[str, Any]]:
+        """torch's per-optimizer records of this step, keyed by ``id(optimizer)``: ``"stage"`` (an
+        ``OptState``) and ``"found_inf_per_device"`` (this rank's flag after a check, the
+        job-wide one once the step's collective ran). A snapshot, rebuilt on each access: changing
+        it changes nothing."""
+        states: dict[int, dict[str, Any]] = collections.defaultdict(_ready_state)
+        for key, rec in self._engine.step_records().items():
+            optimizer = rec.optimizer()
+            if optimizer is not None:
+                states[key] = {
+                    "stage": rec.stage,
+                    "found_inf_per_device": self._engine.found_inf_per_device(optimizer),
+                }
+        return states
+
+    def _found_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:
+        return self._engine.found_inf_per_device(optimizer)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[torch.device, torch.Tensor]:
+        """Check ``optimizer``'s grads without unscaling them and take the step's job-wide
+        decision: every rank of the group must call it (it joins the step's single collective).
+        Returns ``{device: found_inf}``, the same on every rank."""
+        self._require_init("_check_inf_per_device")
+        found_inf = self._engine.check_inf(optimizer, self._state)
+        return {found_inf.device: found_inf}
+
+    def _unscale_grads_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        inv_scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        allow_fp16: bool,
+    ) -> dict[torch.device, torch.Tensor]:
+        """torch's local helper: multiply ``optimizer``'s grads by ``inv_scale`` in place and check
+        them for inf/NaN; return ``{device: flag}``, a copy of ``found_inf`` per grad device set to
+        1 where one was found (``found_inf`` itself is left as it is, as torch leaves it). This
+        rank only: no collective, no stage change (the step's decision still comes from
+        ``unscale_``/``step``)."""
+        values: list[torch.Tensor] = []
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    if not allow_fp16 and param.grad.dtype == torch.float16:
+                        raise ValueError("Attempting to unscale FP16 gradients.")
+                    if param.grad.is_sparse:
+                        # Duplicate indices of scaled fp16 values may overflow only once summed.
+                        if param.grad.dtype == torch.float16:
+                            param.grad = param.grad.coalesce()
+                        values.append(param.grad._values())
+                    else:
+                        values.append(param.grad)
+            found_per_device: dict[torch.device, torch.Tensor] = {}
+            for (device, dtype), grads in _by_device_and_dtype(values).items():
+                if device not in found_per_device:
+                    found_per_device[device] = found_inf.to(device, copy=True)
+                backend = kernels.backend(self._kernel, device, dtype)
+                kernels.check_(grads, found_per_device[device], inv_scale.to(device), None, backend=backend)
+        return found_per_device
+
     # ------------------------------------------------------------------ getters and setters
 
     def get_scale(self) -> float:
@@ -642,6 +775,30 @@ class GradScaler:
 
     def set_growth_interval(self, new_interval: int) -> None:
         self._config = replace(self._config, growth_interval=new_interval)
+
+
+@functools.cache
+def _takes_grad_scaler_kwarg(step: Callable[..., Any]) -> bool:
+    return "grad_scaler" in inspect.signature(step).parameters
+
+
+def _accepts_grad_scaler(step: Callable[..., Any]) -> bool:
+    """Whether an optimizer's ``step`` takes torch's legacy ``grad_scaler=`` keyword (cached per
+    function: the signature is read once, not every step)."""
+    return _takes_grad_scaler_kwarg(getattr(step, "__func__", step))
+
+
+def _ready_state() -> dict[str, Any]:
+    return {"stage": OptState.READY, "found_inf_per_device": {}}
+
+
+def _by_device_and_dtype(
+    tensors: list[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
 
 
 def _external_outcome(found_inf: bool | torch.Tensor, device: torch.device) -> StepOutcome:

@@ -653,3 +653,49 @@ def job_amax(rank: int, world: int, setup: str) -> dict[str, Any]:
         out["collectives"].append(sum(colls.values()))
         out["host_reads"].append(sum(reads.values()))
     return out
+
+
+class LegacyProtocolSGD(torch.optim.SGD):
+    """An optimizer of torch's legacy ``grad_scaler=`` protocol: it asks the scaler for the step's
+    inf/NaN decision, skips on it, and unscales its gradients itself."""
+
+    _step_supports_amp_scaling = True
+
+    def step(self, closure: Any = None, grad_scaler: Any = None) -> Any:  # type: ignore[override]
+        if grad_scaler is not None:
+            found = grad_scaler._check_inf_per_device(self)
+            assert grad_scaler._found_inf_per_device(self) == found
+            if sum(float(v) for v in found.values()):
+                return "skipped"
+            inv = grad_scaler._get_scale_async().double().reciprocal().float()
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(inv)
+        super().step(closure)
+        return "stepped"
+
+
+def job_legacy_protocol(rank: int, world: int, setups: list[str]) -> dict:
+    """The legacy protocol on real ranks: an inf on one rank's grads, every rank's optimizer skips."""
+    out: dict[str, Any] = {}
+    for setup in setups:
+        model, dp_index, _ = build(setup, rank, world)
+        opt = LegacyProtocolSGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = make_scaler("distscale")
+        returned, scales, collectives = [], [], []
+        for step in range(5):
+            forward_backward(model, scaler, opt, rank, dp_index, step, {2: (1, INF)})
+            with count_collectives() as colls:
+                returned.append(scaler.step(opt))
+                scaler.update()
+            scales.append(scaler.get_scale())
+            collectives.append(sum(colls.values()))
+        out[setup] = {
+            "returned": returned,
+            "scales": scales,
+            "collectives": collectives,
+            "params": [p.tolist() for p in local_snapshot(model)],
+        }
+    return out

@@ -15,7 +15,9 @@ PLANT_STEP, PLANT_RANK = 2, 1
 
 def _framework_env(rank: int, world: int) -> None:
     # What torchrun would export: the frameworks read it (the process group already exists).
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )
 
 
 def _model() -> nn.Module:

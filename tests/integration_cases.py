@@ -91,3 +91,99 @@ def job_accelerate(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
     accelerator.load_state(ckpt_root)
     out["loaded"] = scaler.state_dict()
     return out
+
+
+class _TrainerModel(nn.Module):
+    """What the Trainer needs: a forward taking the batch's keys and returning the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        return {"loss": (out.float() - y).pow(2).mean(), "logits": out}
+
+
+class _TrainerData(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        return {"x": torch.randn(8, generator=g), "y": torch.randn(4, generator=g)}
+
+
+def _record_trainer_steps(callback_base: type) -> Any:
+    """A TrainerCallback that records each step's skip, scale and LR."""
+
+    class Record(callback_base):  # type: ignore[misc,valid-type]
+        trainer: Any = None
+
+        def __init__(self) -> None:
+            self.steps: list[dict[str, Any]] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            accelerator = self.trainer.accelerator
+            self.steps.append(
+                {
+                    "skipped": accelerator.optimizer_step_was_skipped,
+                    "scale": accelerator.scaler.get_scale(),
+                    "lr": self.trainer.lr_scheduler.get_last_lr()[0],
+                }
+            )
+
+    return Record()
+
+
+def job_trainer(rank: int, world: int, output_root: str) -> dict[str, Any]:
+    """The transformers Trainer (fp16, CPU, DDP over 2 ranks), its default fused AdamW and the
+    plain one, a linear LR schedule; an inf on rank 1's grads at the 3rd step; then a resume from
+    the Trainer's own checkpoint."""
+    _framework_env(rank, world)
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from distscale.integrations.transformers import use_distscale
+
+    def arguments(optim: str, output_dir: str, **kwargs: Any) -> Any:
+        return TrainingArguments(
+            output_dir=output_dir, fp16=True, use_cpu=True, per_device_train_batch_size=4, max_steps=5,
+            learning_rate=0.1, lr_scheduler_type="linear", optim=optim, report_to=[], logging_steps=1,
+            max_grad_norm=1.0, dataloader_num_workers=0, disable_tqdm=True, **kwargs,
+        )  # fmt: skip
+
+    class PlantingTrainer(Trainer):  # type: ignore[misc,valid-type]
+        # After the backward (and DDP's all-reduce), before the Trainer unscales for its grad norm.
+        def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            if self.state.global_step == PLANT_STEP and rank == PLANT_RANK:
+                self.accelerator.unwrap_model(model).net[0].weight.grad.view(-1)[0] = INF
+            return loss
+
+    out: dict[str, Any] = {}
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        model = _TrainerModel()
+        record = _record_trainer_steps(TrainerCallback)
+
+        output_dir = f"{output_root}/{optim}"
+        args = arguments(optim, output_dir, save_strategy="steps", save_steps=5)
+        trainer = record.trainer = PlantingTrainer(
+            model=model, args=args, train_dataset=_TrainerData(), callbacks=[record]
+        )
+        scaler = use_distscale(trainer, init_scale=2.0**10)
+        trainer.train()
+        out[optim] = {
+            "steps": record.steps,
+            "params": [p.detach().tolist() for p in model.parameters()],
+            "state": scaler.state_dict(),
+        }
+    # Resume from the fused run's checkpoint: the Trainer loads the scaler state it saved.
+    resumed = Trainer(
+        model=_TrainerModel(),
+        args=arguments("adamw_torch_fused", f"{output_root}/resumed"),
+        train_dataset=_TrainerData(),
+    )
+    scaler = use_distscale(resumed)
+    resumed.train(resume_from_checkpoint=f"{output_root}/adamw_torch_fused/checkpoint-5")
+    out["resumed_state"] = scaler.state_dict()
+    return out

@@ -1,7 +1,8 @@
 """Framework integrations: each makes one training framework use a distscale GradScaler.
 
-- :mod:`distscale.integrations.accelerate`: Hugging Face accelerate (and the transformers
-  ``Trainer``, which trains through it).
+- :mod:`distscale.integrations.accelerate`: Hugging Face accelerate.
+- :mod:`distscale.integrations.transformers`: the transformers ``Trainer`` (through its
+  accelerator).
 
 Each module imports its framework lazily and says which extra installs it. They use distscale's
 public API only (an import-linter contract checks it).

@@ -187,3 +187,111 @@ def job_trainer(rank: int, world: int, output_root: str) -> dict[str, Any]:
     resumed.train(resume_from_checkpoint=f"{output_root}/adamw_torch_fused/checkpoint-5")
     out["resumed_state"] = scaler.state_dict()
     return out
+
+
+def _lightning_env(rank: int, world: int) -> None:
+    # torchrun's variables: Lightning then joins the existing process group instead of launching.
+    _framework_env(rank, world)
+    os.environ.update(GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29599")
+
+
+def job_lightning_trainer(rank: int, world: int, ckpt_path: str) -> dict[str, Any]:
+    """The Lightning Trainer (DDP over 2 gloo ranks, "16-mixed" on the CPU through the plugin),
+    fused and plain AdamW, clipping by norm, a per-step LambdaLR; an inf on rank 1 after backward;
+    then a resume from the Trainer's checkpoint."""
+    _lightning_env(rank, world)
+    import lightning
+
+    from distscale.integrations.lightning import DistscalePrecision
+
+    class Module(lightning.LightningModule):
+        def __init__(self, fused: bool) -> None:
+            super().__init__()
+            self.net, self.fused = _model(), fused
+            self.steps: list[dict[str, Any]] = []
+            self.compute: list[str] = []
+            self.net[0].register_forward_hook(
+                lambda module, args, output: self.compute.append(str(output.dtype))
+            )
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).float().pow(2).mean()
+
+        def on_after_backward(self) -> None:  # after DDP's all-reduce, before the step
+            if self.global_step == PLANT_STEP and self.global_rank == PLANT_RANK:
+                self.net[0].weight.grad.view(-1)[0] = INF
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            scaler = self.trainer.precision_plugin.scaler
+            self.steps.append(
+                {
+                    "skipped": scaler.last_step_skipped(),
+                    "scale": scaler.get_scale(),
+                    "lr": self.lr_schedulers().get_last_lr()[0],
+                }
+            )
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def train_dataloader(self) -> Any:
+            batches = torch.stack([_batch(self.global_rank, step) for step in range(5)])
+            return torch.utils.data.DataLoader(batches, batch_size=None)  # this rank's 5 batches
+
+    def trainer(**kwargs: Any) -> Any:
+        return lightning.Trainer(
+            accelerator="cpu", devices=world, strategy="ddp", max_steps=5, gradient_clip_val=1.0,
+            plugins=[DistscalePrecision("cpu", init_scale=2.0**10, growth_interval=3)], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False, **kwargs,
+        )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    for fused in (True, False):
+        module = Module(fused)
+        fit = trainer()
+        fit.fit(module)
+        out["fused" if fused else "plain"] = {
+            "steps": module.steps,
+            "compute": sorted(set(module.compute)),
+            "params": [p.detach().tolist() for p in module.parameters()],
+            "state": fit.precision_plugin.scaler.state_dict(),
+        }
+        if not fused:
+            fit.save_checkpoint(ckpt_path)
+    resumed = trainer()
+    resumed.fit(Module(False), ckpt_path=ckpt_path)
+    out["resumed_state"] = resumed.precision_plugin.scaler.state_dict()
+    return out
+
+
+def job_lightning_fabric(rank: int, world: int) -> dict[str, Any]:
+    """Fabric (DDP over 2 gloo ranks) with a fused AdamW and fabric.clip_gradients."""
+    _lightning_env(rank, world)
+    import lightning
+
+    from distscale.integrations.lightning import DistscaleFabricPrecision
+
+    fabric = lightning.Fabric(
+        accelerator="cpu", devices=world, strategy="ddp",
+        plugins=[DistscaleFabricPrecision("cpu", init_scale=2.0**10, growth_interval=3)],
+    )  # fmt: skip
+    fabric.launch()
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model, opt = fabric.setup(model, opt)
+    scaler = fabric._precision.scaler
+    steps = []
+    for step in range(5):
+        opt.zero_grad()
+        loss = model(_batch(rank, step)).float().pow(2).mean()
+        fabric.backward(loss)
+        if step == PLANT_STEP and rank == PLANT_RANK:
+            next(model.parameters()).grad.view(-1)[0] = INF
+        # Lightning's default raises on a non-finite norm, on the overflowing rank alone.
+        fabric.clip_gradients(model, opt, max_norm=1.0, error_if_nonfinite=False)
+        opt.step()
+        steps.append({"skipped": scaler.last_step_skipped(), "scale": scaler.get_scale()})
+    return {"steps": steps, "params": [p.detach().tolist() for p in model.parameters()]}

@@ -1,0 +1,136 @@
+"""Lightning (the Trainer and Fabric) with a distscale GradScaler: a precision plugin each.
+
+::
+
+    trainer = lightning.Trainer(strategy="ddp", plugins=[DistscalePrecision("cuda")], gradient_clip_val=1.0)
+    fabric = lightning.Fabric(strategy="ddp", plugins=[DistscaleFabricPrecision("cuda")])
+
+Both are Lightning's own ``MixedPrecision`` plugins ("16-mixed": fp16 autocast, the loss scaled in
+backward, the step and ``update`` through the scaler, the scaler's state in Lightning's
+checkpoints) holding a :class:`~distscale.GradScaler`. What they add, measured against Lightning
+2.6 (``tests/test_integrations_lightning.py``):
+
+- fp16 on the CPU: given as a plugin, "16-mixed" is kept (Lightning turns the ``precision="16-mixed"``
+  flag into bf16 on the CPU).
+- Trainer: gradient clipping by norm goes through ``scaler.clip_grad_norm_`` (the job-wide norm,
+  each element counted once whatever the sharding, in the step's single collective), and works with
+  fused optimizers, which Lightning's plugin refuses to clip. Clipping by value needs unscaled
+  gradients: refused, with the reason, for fused optimizers.
+- Trainer: LR schedulers stepped every optimizer step (``interval="step"``, not ReduceLROnPlateau)
+  hold on the steps the scaler skipped on every rank (wrapped in :class:`~distscale.SkipAwareScheduler`
+  at setup; one host read per step with fused optimizers).
+- Fabric: ``fabric.clip_gradients`` works with fused optimizers (the gradients are unscaled in
+  place; Lightning's plugin raises). Pass it ``error_if_nonfinite=False``: its default raises on
+  an overflow step, on the overflowing rank alone, while the others wait. Better, call
+  ``scaler.clip_grad_norm_(optimizer, max_norm)``: the job-wide, shard-aware norm, the same on
+  every rank (inf on a step that will be skipped), never raising.
+
+Needs ``pip install "distscale[lightning]"``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from distscale.scaler import GradScaler
+from distscale.skip import SkipAwareScheduler
+
+try:
+    from lightning.fabric.plugins.precision.amp import MixedPrecision as _FabricMixedPrecision
+    from lightning.pytorch.plugins.precision.amp import MixedPrecision as _TrainerMixedPrecision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        'distscale.integrations.lightning needs Lightning: pip install "distscale[lightning]"'
+    ) from exc
+
+__all__ = ["DistscaleFabricPrecision", "DistscalePrecision"]
+
+
+def _scaler(device: str, scaler: GradScaler | None, scaler_kwargs: dict[str, Any]) -> GradScaler:
+    if scaler is None:
+        return GradScaler(device, **scaler_kwargs)
+    if scaler_kwargs:
+        raise TypeError(f"pass a scaler or scaler_kwargs, not both (got {sorted(scaler_kwargs)}).")
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"scaler must be a distscale.GradScaler, got {type(scaler).__name__}.")
+    return scaler
+
+
+def _fused(optimizer: Any) -> bool:
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class _Registration:
+    """Registers the wrapped model with the scaler once per model object, so the shard-aware norm
+    knows which ranks hold copies (DDP, FSDP1; see ``GradScaler.register_model``)."""
+
+    def __init__(self) -> None:
+        self._model: weakref.ref[Any] | None = None
+
+    def __call__(self, scaler: GradScaler, model: Any) -> None:
+        if model is not None and (self._model is None or self._model() is not model):
+            scaler.register_model(model)
+            self._model = weakref.ref(model)
+
+
+class DistscalePrecision(_TrainerMixedPrecision):  # type: ignore[misc]
+    """The Trainer's "16-mixed" precision with a distscale scaler (built on ``device`` from
+    ``scaler_kwargs`` when ``scaler`` is None)."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        super().__init__("16-mixed", device, _scaler(device, scaler, scaler_kwargs))
+        self._register = _Registration()
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        # The strategy's model is the wrapped one (DDP, FSDP1): what the norm needs to know.
+        trainer = getattr(model, "_trainer", None)
+        self._register(self.scaler, trainer.strategy.model if trainer is not None else model)
+        return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+
+    def clip_gradients(
+        self,
+        optimizer: Any,
+        clip_val: int | float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        """By norm: ``scaler.clip_grad_norm_`` (job-wide, shard-aware, fused optimizers too). By
+        value: Lightning's clip on the unscaled gradients (not for fused optimizers)."""
+        if clip_val <= 0:
+            return
+        if gradient_clip_algorithm == GradClipAlgorithmType.NORM:
+            self.scaler.clip_grad_norm_(optimizer, clip_val)
+            return
+        if _fused(optimizer):
+            raise RuntimeError(
+                f"gradient_clip_algorithm='value' needs unscaled gradients, and {type(optimizer).__qualname__} "
+                "unscales inside its fused step. Clip by norm (gradient_clip_algorithm='norm'), which "
+                "distscale folds into the fused step, or use a non-fused optimizer."
+            )
+        self.clip_grad_by_value(optimizer, clip_val)
+
+    def connect(self, model: Any, optimizers: list[Any], lr_scheduler_configs: list[Any]) -> Any:
+        """Hold per-step LR schedulers on skipped steps (see the module docstring)."""
+        for config in lr_scheduler_configs:
+            stepped_per_update = config.interval == "step" and not config.reduce_on_plateau
+            if stepped_per_update and not isinstance(config.scheduler, SkipAwareScheduler):
+                config.scheduler = SkipAwareScheduler(config.scheduler, self.scaler)
+        return super().connect(model, optimizers, lr_scheduler_configs)
+
+
+class DistscaleFabricPrecision(_FabricMixedPrecision):  # type: ignore[misc]
+    """Fabric's "16-mixed" precision with a distscale scaler (built on ``device`` from
+    ``scaler_kwargs`` when ``scaler`` is None)."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        super().__init__("16-mixed", device, _scaler(device, scaler, scaler_kwargs))
+        self._register = _Registration()
+
+    def backward(self, tensor: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+        self._register(self.scaler, model)  # the strategy's wrapped module (DDP, FSDP1)
+        super().backward(tensor, model, *args, **kwargs)
+
+    def unscale_gradients(self, optimizer: Any) -> None:
+        """Unscale in place, fused optimizers included (their step then takes no ``grad_scale``)."""
+        self.scaler.unscale_(optimizer)

@@ -31,7 +31,7 @@ Needs ``pip install "distscale[lightning]"``.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, cast
 
 from distscale.scaler import GradScaler
 from distscale.skip import SkipAwareScheduler
@@ -75,18 +75,20 @@ class _Registration:
             self._model = weakref.ref(model)
 
 
-class DistscalePrecision(_TrainerMixedPrecision):  # type: ignore[misc]
+class DistscalePrecision(_TrainerMixedPrecision):
     """The Trainer's "16-mixed" precision with a distscale scaler (built on ``device`` from
     ``scaler_kwargs`` when ``scaler`` is None)."""
 
     def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        super().__init__("16-mixed", device, _scaler(device, scaler, scaler_kwargs))
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
+        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
         self._register = _Registration()
 
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         # The strategy's model is the wrapped one (DDP, FSDP1): what the norm needs to know.
         trainer = getattr(model, "_trainer", None)
-        self._register(self.scaler, trainer.strategy.model if trainer is not None else model)
+        self._register(self.distscale_scaler, trainer.strategy.model if trainer is not None else model)
         return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
 
     def clip_gradients(
@@ -100,7 +102,7 @@ class DistscalePrecision(_TrainerMixedPrecision):  # type: ignore[misc]
         if clip_val <= 0:
             return
         if gradient_clip_algorithm == GradClipAlgorithmType.NORM:
-            self.scaler.clip_grad_norm_(optimizer, clip_val)
+            self.distscale_scaler.clip_grad_norm_(optimizer, clip_val)
             return
         if _fused(optimizer):
             raise RuntimeError(
@@ -115,22 +117,24 @@ class DistscalePrecision(_TrainerMixedPrecision):  # type: ignore[misc]
         for config in lr_scheduler_configs:
             stepped_per_update = config.interval == "step" and not config.reduce_on_plateau
             if stepped_per_update and not isinstance(config.scheduler, SkipAwareScheduler):
-                config.scheduler = SkipAwareScheduler(config.scheduler, self.scaler)
+                config.scheduler = SkipAwareScheduler(config.scheduler, self.distscale_scaler)
         return super().connect(model, optimizers, lr_scheduler_configs)
 
 
-class DistscaleFabricPrecision(_FabricMixedPrecision):  # type: ignore[misc]
+class DistscaleFabricPrecision(_FabricMixedPrecision):
     """Fabric's "16-mixed" precision with a distscale scaler (built on ``device`` from
     ``scaler_kwargs`` when ``scaler`` is None)."""
 
     def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        super().__init__("16-mixed", device, _scaler(device, scaler, scaler_kwargs))
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
+        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
         self._register = _Registration()
 
     def backward(self, tensor: Any, model: Any, *args: Any, **kwargs: Any) -> None:
-        self._register(self.scaler, model)  # the strategy's wrapped module (DDP, FSDP1)
+        self._register(self.distscale_scaler, model)  # the strategy's wrapped module (DDP, FSDP1)
         super().backward(tensor, model, *args, **kwargs)
 
     def unscale_gradients(self, optimizer: Any) -> None:
         """Unscale in place, fused optimizers included (their step then takes no ``grad_scale``)."""
-        self.scaler.unscale_(optimizer)
+        self.distscale_scaler.unscale_(optimizer)

@@ -24,12 +24,13 @@ from distscale import kernels
 from distscale.layout import REPLICATE_DIMS_KEY, Layout
 from distscale.sharding import COUNTED, Classification, LocalGrad, classify, local_grads
 
-__all__ = ["ClassificationCache", "GradSet", "GroupRanks"]
+__all__ = ["ClassificationCache", "GradSet", "GroupRanks", "group_by_device_and_dtype"]
 
 GroupKey = tuple[torch.device, torch.dtype]
 
 
-def _group(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
+def group_by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
+    """``tensors`` split by (device, dtype), in order: one kernel call per group."""
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
     for t in tensors:
         groups[(t.device, t.dtype)].append(t)
@@ -331,7 +332,7 @@ class GradSet:
         with torch.no_grad():
             # torch's multi-tensor norm, unless the reference backend was chosen (see kernels.norms).
             backend: kernels.Backend = "reference" if self.kernel == "reference" else "torch"
-            for tensors in _group(counted).values():
+            for tensors in group_by_device_and_dtype(counted).values():
                 per_tensor.extend(n.to(device) for n in kernels.norms(tensors, norm_type, backend))
             if not per_tensor:
                 return torch.zeros((), dtype=torch.float32, device=device)

@@ -41,6 +41,7 @@ from distscale.engine import OptState, StepEngine, takes_grad_scale
 from distscale.errors import MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.layout import Layout
+from distscale.overflow import group_by_device_and_dtype
 from distscale.stats import StepOutcome
 
 if TYPE_CHECKING:
@@ -74,8 +75,8 @@ class GradScaler:
             "amax" sets it from the largest scaled gradient the check measures (in its pass with
             Triton, one more read otherwise), carried in the step's collective: the first clean
             step picks the scale that leaves ``amax_margin`` of fp16 headroom, and the scale grows
-            only when every clean step since the last change leaves that headroom (see
-            :class:`~distscale.ScalerConfig`).
+            only when every clean step of the growth interval left that headroom, as far as the
+            interval's peak allows (see :class:`~distscale.ScalerConfig`).
         process_group: the ranks that share one skip decision; default: the world group once
             torch.distributed is initialized. Every rank of it must call the scaler's methods in
             the same order (they do in SPMD training).
@@ -733,7 +734,7 @@ class GradScaler:
                     else:
                         values.append(param.grad)
             found_per_device: dict[torch.device, torch.Tensor] = {}
-            for (device, dtype), grads in _by_device_and_dtype(values).items():
+            for (device, dtype), grads in group_by_device_and_dtype(values).items():
                 if device not in found_per_device:
                     found_per_device[device] = found_inf.to(device, copy=True)
                 backend = kernels.backend(self._kernel, device, dtype)
@@ -790,15 +791,6 @@ def _accepts_grad_scaler(step: Callable[..., Any]) -> bool:
 
 def _ready_state() -> dict[str, Any]:
     return {"stage": OptState.READY, "found_inf_per_device": {}}
-
-
-def _by_device_and_dtype(
-    tensors: list[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
 
 
 def _external_outcome(found_inf: bool | torch.Tensor, device: torch.device) -> StepOutcome:

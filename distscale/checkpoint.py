@@ -1,13 +1,14 @@
 """The scaler's state as plain data: build, validate, and convert.
 
-Format (version 3), every value a Python number, string, bool or None, so
+Format (version 5), every value a Python number, string, bool, None or list of floats, so
 ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint`` take it as is::
 
-    {"format_version": 3,
+    {"format_version": 5,
      "config": every ScalerConfig setting, by name,
      "state": every field of policy.ScaleState, by name,
      "stats": every field of stats.ScalerStats, by name (None where not measured: NaN on the
               device, so equal states compare equal),
+     "rules": every field of rules.RuleState, by name (the histories as lists of spike_window floats),
      # torch.amp.GradScaler's five keys, so either scaler loads the other's checkpoint:
      "scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
 
@@ -16,7 +17,10 @@ field names the version that introduced it, and a checkpoint of an older version
 newer fields at their initial values. Version 1 (distscale 0.1) lacks ``min_scale_rule``,
 ``growth_delay``, ``tolerance`` (defaults: the rule version 1 could express),
 ``steps_since_rescale`` and ``overflows_since_backoff``; versions 1 and 2 have no ``stats`` (a
-resumed run's metrics count from the resume).
+resumed run's metrics count from the resume). Version 4 added the "amax" rule's settings and
+fields; version 5 the skip rules (``rules``): a version-4 checkpoint keeps the loading scaler's
+skip settings (they add to the decision, not to the scale rule the checkpoint expressed) and
+starts their statistics empty.
 
 ``validate`` checks everything before anything is applied, so a bad state leaves the scaler as
 it was.
@@ -33,16 +37,23 @@ from typing import Any
 import torch
 
 from distscale import fields
-from distscale.config import ScalerConfig
+from distscale.config import SPIKE_THRESHOLDS, ScalerConfig
 from distscale.policy import ScaleState
+from distscale.rules import NOT_CLEAN_YET, RuleState
 from distscale.stats import ScalerStats
 
 STATE_FIELDS = fields.fields(ScaleState)
 STATS_FIELDS = fields.fields(ScalerStats)
+RULES_FIELDS = fields.fields(RuleState)
+RULES_SINCE = min(f.since for f in RULES_FIELDS.values())  # versions before have no "rules"
+# Settings that only add to the decision (they do not change the scale rule an older checkpoint
+# expressed): a checkpoint older than them keeps the loading scaler's values.
+DECISION_SETTINGS = (*SPIKE_THRESHOLDS, "spike_window", "spike_warmup", "on_fault", "fault_repeats")
 CONFIG_SINCE = {f.name: f.metadata.get("since", 1) for f in dataclasses.fields(ScalerConfig)}
 # A field or setting declared with a newer ``since`` raises the version: older checkpoints lack it.
 FORMAT_VERSION = max(
-    *(f.since for f in (*STATE_FIELDS.values(), *STATS_FIELDS.values())), *CONFIG_SINCE.values()
+    *(f.since for f in (*STATE_FIELDS.values(), *STATS_FIELDS.values(), *RULES_FIELDS.values())),
+    *CONFIG_SINCE.values(),
 )
 READABLE_VERSIONS = tuple(range(1, FORMAT_VERSION + 1))
 STATS_SINCE = min(f.since for f in STATS_FIELDS.values())  # versions before have no "stats"
@@ -55,16 +66,25 @@ def _keys_in(record: dict[str, fields.Field], version: int) -> frozenset[str]:
     return frozenset(name for name, f in record.items() if f.since <= version)
 
 
+def _plain(value: Any) -> Any:
+    # NaN ("not measured") is stored as None, so equal states compare equal.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def build(
-    config: ScalerConfig, state: Mapping[str, int | float], stats: Mapping[str, int | float | bool]
+    config: ScalerConfig,
+    state: Mapping[str, int | float],
+    stats: Mapping[str, int | float | bool],
+    rules: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The format-``FORMAT_VERSION`` state dict of plain values (``state``/``stats``: by field name)."""
+    """The format-``FORMAT_VERSION`` state dict of plain values (``state``/``stats``/``rules``: by
+    field name; the rules' histories are lists)."""
     return {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "state": dict(state),
-        # NaN ("not measured") is stored as None, so equal states compare equal.
-        "stats": {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()},
+        "stats": {k: _plain(v) for k, v in stats.items()},
+        "rules": {k: [_plain(x) for x in v] if isinstance(v, list) else _plain(v) for k, v in rules.items()},
         "scale": float(state["scale"]),
         "growth_factor": config.growth_factor,
         "backoff_factor": config.backoff_factor,
@@ -120,13 +140,46 @@ def _stats(raw: object, version: int, config: ScalerConfig) -> dict[str, int | f
     return values
 
 
+def _float(where: str, value: object, nullable: bool = False) -> float:
+    if value is None and nullable:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        what = "a finite float or None" if nullable else "a finite float"
+        raise ValueError(f"GradScaler state_dict {where} must be {what}, got {value!r}.")
+    return float(value)
+
+
+def _rules(raw: object, config: ScalerConfig) -> dict[str, Any]:
+    expected = frozenset(RULES_FIELDS)
+    if not isinstance(raw, Mapping) or set(raw) != expected:
+        raise _keys_error("['rules']", set(raw) if isinstance(raw, Mapping) else set(), expected)
+    values: dict[str, Any] = {}
+    for key, spec in RULES_FIELDS.items():
+        where, value = f"rules[{key!r}]", raw[key]
+        if spec.length is not None:
+            length = spec.length(config)
+            if not isinstance(value, list) or len(value) != length:
+                raise ValueError(
+                    f"GradScaler state_dict {where} must be a list of {length} floats (spike_window), "
+                    f"got {type(value).__name__} of length {len(value) if isinstance(value, list) else '-'}."
+                )
+            values[key] = [_float(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif spec.dtype.is_floating_point:
+            values[key] = _float(where, value, nullable=True)
+        else:
+            low = {"lone_rank": NOT_CLEAN_YET, "fault_rank": -1}.get(key, 0)
+            values[key] = _int(where, value, low)
+    return values
+
+
 def validate(
     state_dict: Mapping[str, Any], current: ScalerConfig
-) -> tuple[ScalerConfig, dict[str, Any], dict[str, int | float | bool]]:
+) -> tuple[ScalerConfig, dict[str, Any], dict[str, int | float | bool], dict[str, Any]]:
     """Return (config, state values, stats) from ``state_dict``, or raise without side effects.
 
     Accepts this module's format and torch.amp.GradScaler's (its five keys; the counters then
-    start at zero and the settings torch does not store keep ``current``'s values).
+    start at zero and the settings torch does not store keep ``current``'s values). Returns
+    (config, state values, stats, rules values).
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}.")
@@ -159,6 +212,8 @@ def validate(
                 f"(this distscale reads versions {list(READABLE_VERSIONS)})."
             )
         top_keys = TOP_KEYS | {"stats"} if version >= STATS_SINCE else TOP_KEYS
+        if version >= RULES_SINCE:
+            top_keys = top_keys | {"rules"}
         if keys != top_keys:
             raise _keys_error("", keys, top_keys)
         cfg, raw = state_dict["config"], state_dict["state"]
@@ -169,6 +224,8 @@ def validate(
             raise _keys_error("['config']", set(cfg) if isinstance(cfg, Mapping) else set(), config_keys)
         if not isinstance(raw, Mapping) or set(raw) != state_keys:
             raise _keys_error("['state']", set(raw) if isinstance(raw, Mapping) else set(), state_keys)
+        if version < RULES_SINCE:  # the skip rules only add to the decision: the loader's settings
+            cfg = {**cfg, **{name: getattr(current, name) for name in DECISION_SETTINGS}}
         config = ScalerConfig(**cfg)  # validates every setting; version 1 gets the new defaults
         # Fields newer than the checkpoint start at their initial values.
         raw = {**fields.initial_values(ScaleState, config), **raw}
@@ -213,4 +270,12 @@ def validate(
     values["amax_window"] = float(window)
     for key in STATE_FIELDS.keys() - values.keys():  # every other field is a counter
         values[key] = _int(key, raw[key], 0)
-    return config, {key: values[key] for key in STATE_FIELDS}, stats
+    if "format_version" in state_dict and state_dict["format_version"] >= RULES_SINCE:
+        rule_values = _rules(state_dict["rules"], config)
+    else:
+        initial = fields.initial_values(RuleState, config)
+        rule_values = {
+            key: initial[key] if spec.length is None else [initial[key]] * spec.length(config)
+            for key, spec in RULES_FIELDS.items()
+        }
+    return config, {key: values[key] for key in STATE_FIELDS}, stats, rule_values

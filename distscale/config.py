@@ -20,6 +20,17 @@ MinScaleRule = Literal["floor", "refuse"]
 MIN_SCALE_RULE_CHOICES: tuple[str, ...] = ("floor", "refuse")
 Rule = Literal["torch", "amax"]
 RULE_CHOICES: tuple[str, ...] = ("torch", "amax")
+OnFault = Literal["warn", "raise", "skip"]
+ON_FAULT_CHOICES: tuple[str, ...] = ("warn", "raise", "skip")
+SPIKE_THRESHOLDS: tuple[str, ...] = (
+    "skip_grad_norm_above",
+    "skip_grad_norm_sigma",
+    "skip_grad_norm_ratio",
+    "skip_loss_above",
+    "skip_loss_sigma",
+    "skip_loss_ratio",
+)
+"""The skip rules' thresholds (each None: that rule off); see :mod:`distscale.rules`."""
 FP16_MAX = 65504.0
 """The largest finite float16: the ceiling the amax rule keeps the scaled gradients under."""
 
@@ -96,6 +107,37 @@ class ScalerConfig:
     8, trades skipped steps for scale evenly in the replay of ``bench/amax_replay.py`` (16 skips
     fewer steps and underflows more; see the README)."""
 
+    # The skip rules (distscale.rules): which steps are skipped besides inf/NaN ones, and what a
+    # suspected fault does. None: off. They decide skips, not the scale: a rule skip holds it.
+    skip_grad_norm_above: float | None = field(default=None, metadata={"since": 5})
+    """Skip a step whose job-wide gradient norm (unscaled; the clip's norm when the step clips,
+    else the 2-norm) is above this. > 0. Acts from the first step."""
+    skip_grad_norm_sigma: float | None = field(default=None, metadata={"since": 5})
+    """Skip a step whose gradient norm is more than this many standard deviations above the mean
+    of the last ``spike_window`` applied steps' norms. > 0."""
+    skip_grad_norm_ratio: float | None = field(default=None, metadata={"since": 5})
+    """Skip a step whose gradient norm is more than this times that mean. > 1."""
+    skip_loss_above: float | None = field(default=None, metadata={"since": 5})
+    """Skip a step whose job-wide loss (the mean over ranks of the losses given to ``scale()``)
+    is above this. Any loss rule also skips steps whose loss is not finite. Finite."""
+    skip_loss_sigma: float | None = field(default=None, metadata={"since": 5})
+    """As ``skip_grad_norm_sigma``, for the loss. > 0."""
+    skip_loss_ratio: float | None = field(default=None, metadata={"since": 5})
+    """As ``skip_grad_norm_ratio``, for the loss (acts only while that mean is > 0). > 1."""
+    spike_window: int = field(default=100, metadata={"since": 5})
+    """How many recent applied steps the sigma and ratio rules compare with. >= 2."""
+    spike_warmup: int = field(default=100, metadata={"since": 5})
+    """Applied steps recorded before the sigma and ratio rules act (they also need 2). >= 0."""
+    on_fault: OnFault | None = field(default=None, metadata={"since": 5})
+    """Fault attribution (see :mod:`distscale.rules`): None (off: every non-finite step is an
+    overflow, as torch), or what a suspected fault does besides being skipped without a backoff:
+    "warn" (a warning naming rank, host, device and parameters), "raise" (``FaultError`` on every
+    rank at the same ``update()``) or "skip" (only counted and reported in ``last_fault_report``).
+    Costs one host read per step with fused optimizers (none extra otherwise)."""
+    fault_repeats: int = field(default=3, metadata={"since": 5})
+    """Non-finite steps in a row, after a clean one, with the same single rank non-finite, from
+    which on that rank is a suspected fault (the backoffs between did not cure it). >= 1."""
+
     def __post_init__(self) -> None:
         init_scale = _require_number("init_scale", self.init_scale)
         if not (math.isfinite(init_scale) and init_scale > 0):
@@ -171,6 +213,8 @@ class ScalerConfig:
                 f"got {self.amax_margin!r}."
             )
 
+        self._validate_skip_rules()
+
         # Store plain Python numbers (numpy scalars would not load with weights_only=True).
         for name in (
             "init_scale",
@@ -180,12 +224,64 @@ class ScalerConfig:
             "max_scale",
             "tolerance",
             "amax_margin",
+            *SPIKE_THRESHOLDS,
         ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, float(value))
-        for name in ("growth_interval", "hysteresis", "growth_delay"):
+        for name in (
+            "growth_interval",
+            "hysteresis",
+            "growth_delay",
+            "spike_window",
+            "spike_warmup",
+            "fault_repeats",
+        ):
             object.__setattr__(self, name, int(getattr(self, name)))
+
+    def _validate_skip_rules(self) -> None:
+        lows = {"_above": (0.0, "> 0"), "_sigma": (0.0, "> 0"), "_ratio": (1.0, "> 1")}
+        for name in SPIKE_THRESHOLDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = _require_number(name, value)
+            if name == "skip_loss_above":  # a loss may be negative
+                ok, constraint = math.isfinite(number), "finite"
+            else:
+                low, constraint = next(v for k, v in lows.items() if name.endswith(k))
+                ok = math.isfinite(number) and number > low
+                constraint = f"None or finite and {constraint}"
+            if not ok:
+                hint = (
+                    " HINT: k is a number of standard deviations, e.g. 6." if name.endswith("_sigma") else ""
+                )
+                raise ValueError(f"{name} must be {constraint}, got {value!r}.{hint}")
+        if _require_int("spike_window", self.spike_window) < 2:
+            raise ValueError(
+                f"spike_window must be >= 2 (a standard deviation needs two steps), got {self.spike_window!r}."
+            )
+        if _require_int("spike_warmup", self.spike_warmup) < 0:
+            raise ValueError(f"spike_warmup must be >= 0, got {self.spike_warmup!r}.")
+        if self.on_fault is not None and self.on_fault not in ON_FAULT_CHOICES:
+            raise ValueError(f"on_fault must be None or one of {ON_FAULT_CHOICES}, got {self.on_fault!r}.")
+        if _require_int("fault_repeats", self.fault_repeats) < 1:
+            raise ValueError(f"fault_repeats must be >= 1, got {self.fault_repeats!r}.")
+
+    @property
+    def norm_rules(self) -> bool:
+        """Whether a skip rule watches the gradient norm."""
+        return any(getattr(self, n) is not None for n in SPIKE_THRESHOLDS[:3])
+
+    @property
+    def loss_rules(self) -> bool:
+        """Whether a skip rule watches the loss."""
+        return any(getattr(self, n) is not None for n in SPIKE_THRESHOLDS[3:])
+
+    @property
+    def decides_beyond_overflow(self) -> bool:
+        """Whether any skip rule or fault attribution is on (off: the decision is torch's)."""
+        return self.norm_rules or self.loss_rules or self.on_fault is not None
 
     def contains(self, scale: float) -> bool:
         """Whether ``scale`` lies within [min_scale, max_scale]."""

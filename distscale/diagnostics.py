@@ -16,6 +16,8 @@ survive a multiplication by a finite positive ``inv_scale``) and before any clip
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,7 +27,16 @@ import torch.distributed as dist
 from distscale.collectives import ReduceGroup
 from distscale.sharding import LocalGrad
 
-__all__ = ["NonFiniteGrad", "OverflowReport", "gather", "parameter_names", "scan"]
+__all__ = [
+    "FaultReport",
+    "NonFiniteGrad",
+    "OverflowReport",
+    "RankSite",
+    "gather",
+    "gather_fault",
+    "parameter_names",
+    "scan",
+]
 
 logger = logging.getLogger("distscale")
 
@@ -124,3 +135,78 @@ def gather(local: list[NonFiniteGrad], reducer: ReduceGroup, step: int) -> Overf
     report = OverflowReport(step, world, [g for part in parts for g in part])
     logger.warning("%s", report.format())
     return report
+
+
+@dataclass(frozen=True)
+class RankSite:
+    """Where one rank runs, and what it found on a suspected-fault step."""
+
+    rank: int  # rank in the scaler's group
+    host: str
+    device: str  # the gradients' device, with LOCAL_RANK when the launcher set it
+    grads: list[NonFiniteGrad]
+
+
+_WHY = {
+    "lone_rank": "non-finite gradients on this rank only, step after step, although the scale backed off",
+    "min_scale": "non-finite gradients with the scale at its floor: a backoff cannot cure them",
+    "nonfinite_loss": "a non-finite loss from finite gradients",
+}
+
+
+@dataclass(frozen=True)
+class FaultReport:
+    """A suspected fault (see :mod:`distscale.rules`): the same on every rank."""
+
+    step: int  # update() calls before this step
+    kind: str  # a FAULT_KINDS name
+    rank: int  # the rank named (-1: not one rank)
+    sites: list[RankSite]
+
+    @property
+    def site(self) -> RankSite | None:
+        """The named rank's site (None when no single rank is named)."""
+        return next((s for s in self.sites if s.rank == self.rank), None)
+
+    def format(self, limit: int = 10) -> str:
+        site = self.site
+        where = (
+            f"rank {site.rank} on host {site.host!r}, device {site.device}"
+            if site is not None
+            else f"no single rank ({sum(bool(s.grads) for s in self.sites)} rank(s) non-finite)"
+        )
+        lines = [
+            f"step {self.step}: suspected fault ({self.kind}: {_WHY.get(self.kind, self.kind)}): {where}"
+        ]
+        shown = site.grads if site is not None else [g for s in self.sites for g in s.grads]
+        for g in shown[:limit]:
+            lines.append(
+                f"  rank {g.rank}: {g.name} {list(g.shape)}: {g.kind} (inf {g.num_inf}, nan {g.num_nan} of {g.numel})"
+            )
+        if len(shown) > limit:
+            lines.append(f"  ... and {len(shown) - limit} more")
+        lines.append("  The step is skipped on every rank and the scale held (a backoff would not cure it).")
+        return "\n".join(lines)
+
+
+def _device_name(grads: list[NonFiniteGrad], device: torch.device | None) -> str:
+    name = "cpu" if device is None else str(device)
+    local = os.environ.get("LOCAL_RANK")
+    return name if local is None else f"{name} (LOCAL_RANK {local})"
+
+
+def gather_fault(
+    kind: str,
+    rank: int,
+    local: list[NonFiniteGrad],
+    reducer: ReduceGroup,
+    step: int,
+    device: torch.device | None = None,
+) -> FaultReport:
+    """Every rank's site and findings, on every rank (so each can raise the same error).
+
+    Every rank of the group must call it (they do: the verdict they act on is job-wide).
+    """
+    site = RankSite(reducer.rank, socket.gethostname(), _device_name(local, device), local)
+    sites = reducer.all_gather_object(site)
+    return FaultReport(step, kind, rank, sites)  # type: ignore[arg-type]

@@ -27,8 +27,9 @@ import torch
 # torch's own enum: code that compares a stage with torch.amp.grad_scaler.OptState keeps working.
 from torch.amp.grad_scaler import OptState
 
-from distscale import consistency, diagnostics, underflow
+from distscale import consistency, diagnostics, rules, underflow
 from distscale.collectives import Contribution, ReduceGroup
+from distscale.config import ScalerConfig
 from distscale.errors import ReplicationError
 from distscale.layout import Layout, refusal
 from distscale.overflow import ClassificationCache, GradSet
@@ -47,6 +48,13 @@ def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` unscales and skips by itself from ``grad_scale``/``found_inf``
     attributes (torch's fused Adam/AdamW/SGD/Adagrad): then the engine never syncs for it."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def _combined_norm(norms: list[torch.Tensor]) -> torch.Tensor | None:
+    # The step's norm over every optimizer's (their 2-norm: exact for 2-norms).
+    if not norms:
+        return None
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms).float(), 2.0)
 
 
 @dataclass(eq=False)
@@ -83,6 +91,7 @@ class OptRecord:
     underflow_reduced: torch.Tensor | None = None  # the same, summed over the group
     local_amax: torch.Tensor | None = None  # largest |scaled grad| here (the "amax" rule only)
     amax: torch.Tensor | None = None  # the same, the maximum over the group
+    skip: torch.Tensor | None = None  # job-wide: found_inf, or a skip rule (see distscale.rules)
 
     @property
     def checked(self) -> bool:
@@ -103,6 +112,7 @@ class OptRecord:
         self.underflow = self.underflow_reduced = None
         self.local_amax = self.amax = None
         self.reduced_flags = None
+        self.skip = None
 
 
 @dataclass
@@ -111,6 +121,15 @@ class _Step:
 
     records: dict[int, OptRecord] = field(default_factory=dict)
     num_collectives: int = 0
+    # The losses given to scale() (skip rules): their sum (non-finite ones left out), how many,
+    # and whether one was not finite. Local, on the loss's device.
+    loss_sum: torch.Tensor | None = None
+    loss_count: int = 0
+    loss_bad: torch.Tensor | None = None
+    decision: rules.Decision | None = None  # taken at the step's first collective
+    decision_flags: ReducedFlags | None = None  # holds Decision.host_vector from decision_at
+    decision_at: int = 0
+    fault_report: diagnostics.FaultReport | None = None
 
 
 class StepEngine:
@@ -142,6 +161,11 @@ class StepEngine:
         # Per optimizer: how to read each parameter's grad, and which rank counts it.
         self.classifications = ClassificationCache(layout, reducer)
         self.num_updates_host = 0  # host mirror of num_updates: consistency and monitor schedules
+        # The skip rules (distscale.rules): their settings (None: off) and state, set by the façade.
+        self.rule_config: ScalerConfig | None = None
+        self.rule_state: rules.RuleState | None = None
+        self.last_fault_report: diagnostics.FaultReport | None = None
+        self.step_fault_report: diagnostics.FaultReport | None = None
         self._step = _Step()
         self._plan: list[tuple[weakref.ref[torch.optim.Optimizer], float | None]] = []
 
@@ -157,6 +181,7 @@ class StepEngine:
             measure_amax=self.measure_amax,
         )
         engine.parameter_names = self.parameter_names
+        engine.rule_config = self.rule_config
         return engine
 
     # ------------------------------------------------------------------ what the façade reads
@@ -182,6 +207,18 @@ class StepEngine:
         return any(rec.checked for rec in self._step.records.values())
 
     # ------------------------------------------------------------------ transitions
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Remember a loss given to ``scale()`` for the loss rules and fault attribution (its
+        mean over the step's calls, then over the ranks, is the step's loss). Local, no sync."""
+        value = loss.detach().reshape(()).float()
+        finite = torch.isfinite(value)
+        value = torch.where(finite, value, 0.0)
+        step = self._step
+        step.loss_sum = value if step.loss_sum is None else step.loss_sum + value.to(step.loss_sum.device)
+        bad = ~finite
+        step.loss_bad = bad if step.loss_bad is None else step.loss_bad | bad.to(step.loss_bad.device)
+        step.loss_count += 1
 
     def unscale_(self, optimizer: torch.optim.Optimizer, state: ScaleState) -> None:
         """Check and unscale ``optimizer``'s local grads in place. Local only."""
@@ -235,7 +272,7 @@ class StepEngine:
                 if user_scale is not None:
                     grad_scale = grad_scale * user_scale
             optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
-            optimizer.found_inf = rec.found_inf  # type: ignore[attr-defined]
+            optimizer.found_inf = rec.skip  # type: ignore[attr-defined]
             try:
                 retval = optimizer.step(*args, **kwargs)
             finally:
@@ -246,9 +283,8 @@ class StepEngine:
         self._check(rec, optimizer, state, unscale=True)
         self._fold_pending_clip(rec)
         self._reduce(state)
-        assert rec.reduced_flags is not None
         retval = None
-        if not rec.reduced_flags.read()[rec.flag_index]:
+        if not self._skip_on_host(rec):
             retval = optimizer.step(*args, **kwargs)
         rec.stage = OptState.STEPPED
         return retval
@@ -260,8 +296,8 @@ class StepEngine:
         rec = self.record(optimizer)
         self._check(rec, optimizer, state, unscale=rec.unscaled)
         self._reduce(state)
-        assert rec.found_inf is not None
-        return rec.found_inf
+        assert rec.skip is not None
+        return rec.skip
 
     def legacy_step(
         self, optimizer: torch.optim.Optimizer, scaler: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -278,7 +314,7 @@ class StepEngine:
         rec = self._step.records.get(id(optimizer))
         if rec is None or rec.optimizer() is not optimizer:
             return {}
-        flag = rec.found_inf if rec.found_inf is not None else rec.local_found_inf
+        flag = rec.skip if rec.skip is not None else rec.local_found_inf
         return {} if flag is None else {flag.device: flag}
 
     def finish(self, state: ScaleState) -> StepOutcome:
@@ -297,9 +333,31 @@ class StepEngine:
         amax = torch.stack(maxima).amax() if maxima else None
         skipped = None  # known on the host only if step() already read every record's flags
         if all(rec.reduced_flags is not None and rec.reduced_flags.host is not None for rec in records):
-            skipped = any(rec.reduced_flags.host[rec.flag_index] for rec in records)  # type: ignore[union-attr,index]
+            skipped = any(self._skip_on_host(rec) for rec in records)
+        found_inf, overflows = flags.sum(), (flags > 0).sum()
+        decision, held = self._step.decision, None
+        if decision is not None:
+            # A suspected fault is held, not backed off: it is no overflow for the rule.
+            not_fault = decision.reason != rules.SKIP_REASONS.index("fault")
+            found_inf = torch.where(not_fault, found_inf, 0.0)
+            overflows = torch.where(not_fault, overflows, 0)
+            held = decision.skip
+        report = self._step.fault_report
         self.end()
-        return StepOutcome(flags.sum(), (flags > 0).sum(), grad_norm, under, skipped, amax)
+        self.step_fault_report = report  # the façade warns or raises on it after the update
+        if report is not None:
+            self.last_fault_report = report
+        return StepOutcome(found_inf, overflows, grad_norm, under, skipped, amax, held, decision)
+
+    def _skip_on_host(self, rec: OptRecord) -> bool:
+        """Whether ``rec``'s optimizer skips this step, read on the host (the step's one read)."""
+        assert rec.reduced_flags is not None
+        if rec.reduced_flags.read()[rec.flag_index]:
+            return True
+        step = self._step
+        if step.decision_flags is None:
+            return False
+        return bool(step.decision_flags.read()[step.decision_at])
 
     def end(self) -> None:
         """End the step without an outcome (``update(new_scale)``): remember what it used."""
@@ -393,6 +451,12 @@ class StepEngine:
         if not pending:
             return
         scale_by = inv_scale(state)
+        rule_config = self.rule_config
+        deciding = rule_config is not None and step.decision is None  # the step's first collective
+        if deciding and rule_config.norm_rules:  # type: ignore[union-attr]
+            for rec in pending:  # the rules watch the norm: every optimizer measures one
+                if rec.norm_type is None:
+                    rec.norm_type = 2.0
         normed = [r for r in pending if r.norm_type is not None]
         for rec in normed:
             if rec.local_norm is None:
@@ -415,29 +479,56 @@ class StepEngine:
         maxed = [r for r in pending if r.local_amax is not None]
         # amax travels as an inf-norm: an exact maximum (NaN made inf first, see collectives).
         norms = [(r.local_norm, r.norm_type) for r in normed] + [(r.local_amax, math.inf) for r in maxed]
+        sums = [r.underflow for r in counted]
+        if deciding:  # the rules' inputs ride in the same collective
+            local_any = torch.stack(local_flags).amax()  # type: ignore[arg-type]
+            sums.append(
+                rules.local_inputs(
+                    local_any, self.reducer.rank, step.loss_sum, step.loss_count, step.loss_bad
+                )
+            )
         contribution = Contribution(
             flags=[*local_flags, *layout_flags],  # type: ignore[list-item]  # checked: not None
             norms=norms,  # type: ignore[arg-type]  # computed above: not None
-            sums=[r.underflow for r in counted],  # type: ignore[misc]
+            sums=sums,  # type: ignore[arg-type]
             slots=consistency.fingerprint(state) if check else None,
         )
         # float64 keeps the fingerprints exact (element counts travel as float32: fractions to 1e-7).
         reduced = self.reducer.reduce(contribution, torch.float64 if check else torch.float32)
         step.num_collectives += 1
-        flags = ReducedFlags(torch.stack(reduced.flags))  # each record's flag, then the layout flags
+        flag_values = torch.stack(reduced.flags)  # each record's flag, then the layout flags
+        if deciding:
+            assert rule_config is not None and self.rule_state is not None
+            overflow = flag_values[: len(pending)].amax()
+            step_norm = _combined_norm(reduced.norms[: len(normed)])
+            decision = rules.decide(
+                self.rule_state,
+                rules.job_inputs(overflow, step_norm, reduced.sums[-1]),
+                state.scale,
+                rule_config,
+            )
+            step.decision, step.decision_at = decision, flag_values.numel()
+            flag_values = torch.cat([flag_values, decision.host_vector().to(flag_values.device)])
+        flags = ReducedFlags(flag_values)
+        if deciding:
+            step.decision_flags = flags
         self._verify_layout(owned, flags if world > 1 else None, len(pending))  # type: ignore[arg-type]
-        for rec, counts in zip(counted, reduced.sums, strict=True):
+        for rec, counts in zip(counted, reduced.sums, strict=False):
             rec.underflow_reduced = counts
         for rec, norm in zip(normed, reduced.norms[: len(normed)], strict=True):
             rec.total_norm = norm
         for rec, amax in zip(maxed, reduced.norms[len(normed) :], strict=True):
             rec.amax = amax
+        rule_skip = None if step.decision is None else step.decision.skip
         for index, (rec, flag) in enumerate(zip(pending, reduced.flags, strict=False)):
             rec.found_inf, rec.reduced_flags, rec.flag_index = flag, flags, index
+            rec.skip = flag if rule_skip is None else torch.maximum(flag, rule_skip.to(flag.device).float())
         if reduced.slots is not None:
             consistency.verify(reduced.slots)
         if self.overflow_diagnostics:
             self._diagnose(pending, flags)
+        if deciding and rule_config.on_fault is not None:  # type: ignore[union-attr]
+            self._attribute_fault(pending, step)
 
     def _verify_layout(self, grad_sets: list[GradSet], flags: ReducedFlags | None, start: int = 0) -> None:
         """Raise ReplicationError on every rank if any rank holds parameters whose counting rule
@@ -453,7 +544,7 @@ class StepEngine:
         if flags is None:
             unresolved = any(g.classification.unresolved for g in grad_sets)
         else:
-            unresolved = any(flags.read()[start:])  # host sync, first norm only
+            unresolved = any(flags.read()[start : start + len(grad_sets)])  # host sync, first norm only
         if unresolved:  # job-wide: every rank takes this branch and joins the gather
             mine = [self._describe(g, *entry) for g in grad_sets for entry in g.classification.unresolved]
             found = self.reducer.all_gather_object(mine)
@@ -478,6 +569,28 @@ class StepEngine:
                 names = diagnostics.parameter_names(optimizer, self.parameter_names)
                 found.extend(diagnostics.scan(rec.grads.grads, names, self.reducer.rank))
         self.last_overflow_report = diagnostics.gather(found, self.reducer, self.num_updates_host)
+
+    def _attribute_fault(self, pending: list[OptRecord], step: _Step) -> None:
+        # The decision is job-wide, so every rank reads the same verdict and joins the gather.
+        assert step.decision_flags is not None
+        skip, reason, kind, fault_rank = step.decision_flags.read()[step.decision_at :]  # host sync
+        del skip
+        if int(reason) != rules.SKIP_REASONS.index("fault"):
+            return
+        found: list[diagnostics.NonFiniteGrad] = []
+        for rec in pending:
+            optimizer = rec.optimizer()
+            if rec.grads is not None and optimizer is not None:
+                names = diagnostics.parameter_names(optimizer, self.parameter_names)
+                found.extend(diagnostics.scan(rec.grads.grads, names, self.reducer.rank))
+        step.fault_report = diagnostics.gather_fault(
+            rules.FAULT_KINDS[int(kind)],
+            int(fault_rank),
+            found,
+            self.reducer,
+            self.num_updates_host,
+            device=pending[0].local_found_inf.device if pending[0].local_found_inf is not None else None,
+        )
 
     def _precheck_planned(self, state: ScaleState) -> None:
         # Optimizers the last step used but this one has not touched yet: check them now

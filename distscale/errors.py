@@ -28,3 +28,16 @@ class ReplicationError(ValueError):
     Raised on every rank of the scaler's group at the same call (the first norm after the
     parameter list changed), naming each rank's parameters; see :mod:`distscale.layout`.
     """
+
+
+class FaultError(RuntimeError):
+    """A suspected fault (see :mod:`distscale.rules`) with ``on_fault="raise"``.
+
+    Raised on every rank at the same ``update()``, after the step was skipped and the state
+    updated, so every rank can checkpoint the same state before stopping. ``report``: the
+    :class:`~distscale.diagnostics.FaultReport` (rank, host, device, parameters).
+    """
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

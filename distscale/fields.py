@@ -35,6 +35,8 @@ class Field:
     since: int = 1
     """The checkpoint format version that introduced it (see :mod:`distscale.checkpoint`): older
     checkpoints lack it and load with its initial value; a new field raises the format version."""
+    length: Callable[[ScalerConfig], int] | None = None
+    """None: a 0-dim tensor. Else a 1-D tensor of this length (a history), every entry ``initial``."""
 
 
 @cache
@@ -67,21 +69,28 @@ def allocate(record: type[R], config: ScalerConfig, device: torch.device | str =
     values = initial_values(record, config)
     return record(
         **{
-            name: torch.full((), values[name], dtype=f.dtype, device=device)
+            name: torch.full(
+                () if f.length is None else (f.length(config),), values[name], dtype=f.dtype, device=device
+            )
             for name, f in fields(record).items()
         }
     )
 
 
-def to_host(named: Mapping[str, torch.Tensor]) -> dict[str, Value]:
-    """0-dim tensors as Python bools, ints and floats (by dtype). One host sync for all of them."""
-    values = torch.stack([t.double().cpu() for t in named.values()]).tolist()  # host sync
-    out: dict[str, Value] = {}
-    for (name, tensor), value in zip(named.items(), values, strict=True):
+def to_host(named: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """0-dim tensors as Python bools, ints and floats (by dtype), 1-D ones as lists of them. One
+    host sync for all of them."""
+    flat = torch.cat([t.double().reshape(-1).cpu() for t in named.values()]).tolist()  # host sync
+    out: dict[str, Any] = {}
+    at = 0
+    for name, tensor in named.items():
         if tensor.dtype is torch.bool:
-            out[name] = bool(value)
+            kind: Callable[[float], Value] = bool
         elif tensor.dtype.is_floating_point:
-            out[name] = float(value)
+            kind = float
         else:
-            out[name] = int(value)
+            kind = int
+        values = [kind(v) for v in flat[at : at + tensor.numel()]]
+        out[name] = values if tensor.dim() else values[0]
+        at += tensor.numel()
     return out

@@ -41,16 +41,25 @@ def scale_gradient(loss: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class ScaledLossFn:
     """``loss_fn`` whose loss keeps its value and whose backward is scaled by ``scale`` (read at
-    every call: the scaler updates it in place). ``scale=None``: a disabled scaler, ``loss_fn``."""
+    every call: the scaler updates it in place). ``scale=None``: a disabled scaler, ``loss_fn``.
+    Only the last stage computes losses: the step's loss is the mean over the ranks that did."""
 
-    def __init__(self, loss_fn: Callable[..., torch.Tensor], scale: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[..., torch.Tensor],
+        scale: torch.Tensor | None,
+        observe: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__} {loss_fn!r}.")
         self.loss_fn = loss_fn
         self.scale = scale
+        self.observe = observe  # sees each loss (the scaler's loss rules), as scale(loss) would
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = self.loss_fn(*args, **kwargs)
+        if self.observe is not None and loss.numel() == 1:
+            self.observe(loss)
         return loss if self.scale is None else scale_gradient(loss, self.scale)
 
     def __repr__(self) -> str:

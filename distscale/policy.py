@@ -131,10 +131,16 @@ def pow2_floor(x: torch.Tensor) -> torch.Tensor:
 
 
 def update(
-    state: ScaleState, found_inf: torch.Tensor, config: ScalerConfig, amax: torch.Tensor | None = None
+    state: ScaleState,
+    found_inf: torch.Tensor,
+    config: ScalerConfig,
+    amax: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
 ) -> ScaleState:
     """Apply one step of the rule. ``found_inf``: 0-dim float, > 0 when any gradient overflowed.
     ``amax``: the step's largest |scaled gradient| (0-dim; the "amax" rule only; None: not measured).
+    ``held``: 0-dim bool, the step was skipped by a skip rule or a suspected fault (see
+    :mod:`distscale.rules`; never with ``found_inf``): the state is kept, only ``num_updates`` advances.
 
     Pure: returns new tensors, never syncs. The caller guarantees that ``found_inf`` and ``amax``
     are job-wide values (already reduced across ranks), so all ranks stay identical.
@@ -198,7 +204,7 @@ def update(
         torch.where(refill, config.hysteresis, hysteresis_tracker),
     )
     steps, overflows = state.steps_since_rescale, state.overflows_since_backoff
-    return ScaleState(
+    new = ScaleState(
         scale=new_scale,
         growth_tracker=new_growth_tracker,
         hysteresis_tracker=new_hysteresis,
@@ -210,6 +216,11 @@ def update(
         calibrated=calibrated,
         amax_window=amax_window,
     )
+    if held is None:
+        return new
+    held = held.to(scale.device)
+    kept = ScaleState(*(torch.where(held, old, value) for old, value in zip(state, new, strict=True)))
+    return kept._replace(num_updates=new.num_updates)
 
 
 def _amax_rule(

@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 from typing_extensions import Self
 
-from distscale import checkpoint, fields, kernels, pipelining, policy, presets, stats
+from distscale import checkpoint, fields, kernels, pipelining, policy, presets, rules, stats
 from distscale.collectives import ReduceGroup
-from distscale.config import HysteresisRefill, MinScaleRule, OnMinScale, Rule, ScalerConfig
-from distscale.diagnostics import OverflowReport
+from distscale.config import HysteresisRefill, MinScaleRule, OnFault, OnMinScale, Rule, ScalerConfig
+from distscale.diagnostics import FaultReport, OverflowReport
 from distscale.engine import OptState, StepEngine, takes_grad_scale
-from distscale.errors import MinScaleError, ScalerUsageError
+from distscale.errors import FaultError, MinScaleError, ScalerUsageError
 from distscale.kernels import KERNEL_CHOICES
 from distscale.layout import Layout
 from distscale.overflow import group_by_device_and_dtype
@@ -98,6 +98,21 @@ class GradScaler:
         underflow_every: every N updates (0: never), measure the fraction of gradient elements
             that are zero or would flush to zero in fp16 at the current scale (see
             :mod:`distscale.underflow`): one extra read of the gradients, no extra collective.
+        skip_grad_norm_above, skip_grad_norm_sigma, skip_grad_norm_ratio, skip_loss_above,
+        skip_loss_sigma, skip_loss_ratio, spike_window, spike_warmup: skip rules beyond inf/NaN
+            (all off by default): skip steps whose job-wide gradient norm or loss is above a
+            threshold, or spikes above the statistics of the last ``spike_window`` applied steps.
+            Decided on the device from the step's single collective, the same on every rank; a
+            rule skip holds the scale (no backoff). The loss is what ``scale()`` is given (a 0-dim
+            tensor). See :mod:`distscale.rules`. With a norm rule every step measures the norm
+            (the clip's, or the 2-norm) in its collective; with rules on, ``update()`` runs the
+            rule as torch ops (no sync) instead of one Triton launch.
+        on_fault, fault_repeats: fault attribution: non-finite events a backoff cannot cure (one
+            rank alone non-finite ``fault_repeats`` times in a row, non-finite values at the scale's
+            floor, a non-finite loss from finite gradients) are suspected faults: skipped, the
+            scale held, the rank, host, device and parameters named, then "warn", "raise"
+            (``FaultError`` on every rank) or "skip". One host read per step with fused optimizers
+            (none extra otherwise) and a gather on suspected-fault steps only.
 
     What the scaler did is on the device at no cost: ``metrics()`` (one host read),
     ``metric_tensors()`` and ``step_was_skipped`` (none); see :mod:`distscale.stats`.
@@ -129,6 +144,16 @@ class GradScaler:
         kernel: str = "auto",
         overflow_diagnostics: bool = False,
         underflow_every: int = 0,
+        skip_grad_norm_above: float | None = None,
+        skip_grad_norm_sigma: float | None = None,
+        skip_grad_norm_ratio: float | None = None,
+        skip_loss_above: float | None = None,
+        skip_loss_sigma: float | None = None,
+        skip_loss_ratio: float | None = None,
+        spike_window: int = 100,
+        spike_warmup: int = 100,
+        on_fault: OnFault | None = None,
+        fault_repeats: int = 3,
     ) -> None:
         if not isinstance(device, str):
             raise TypeError(f"device must be a device type string such as 'cuda' or 'cpu', got {device!r}.")
@@ -168,6 +193,16 @@ class GradScaler:
             tolerance=tolerance,
             rule=rule,
             amax_margin=amax_margin,
+            skip_grad_norm_above=skip_grad_norm_above,
+            skip_grad_norm_sigma=skip_grad_norm_sigma,
+            skip_grad_norm_ratio=skip_grad_norm_ratio,
+            skip_loss_above=skip_loss_above,
+            skip_loss_sigma=skip_loss_sigma,
+            skip_loss_ratio=skip_loss_ratio,
+            spike_window=spike_window,
+            spike_warmup=spike_warmup,
+            on_fault=on_fault,
+            fault_repeats=fault_repeats,
         )
         self._device = device
         self._enabled = enabled
@@ -189,6 +224,9 @@ class GradScaler:
         # load_state_dict() works before the first scale().
         self._state = policy.init_state(self._config, "cpu")
         self._stats = stats.init_stats("cpu")
+        self._rules = rules.init_state(self._config, "cpu")
+        self._engine.rule_state = self._rules
+        self._engine.rule_config = self._config if self._config.decides_beyond_overflow else None
         self._skipped_host: bool | None = False  # the last step's skip, when already on the host
         self._initialized = False
         self._min_event_host_seen = 0
@@ -258,6 +296,8 @@ class GradScaler:
             return outputs
         if isinstance(outputs, torch.Tensor):
             self._lazy_init(outputs.device)
+            if self._watches_loss and outputs.numel() == 1:
+                self._engine.note_loss(outputs)
             return outputs * self._state.scale.to(device=outputs.device, non_blocking=True)
 
         def apply(value: Any) -> Any:
@@ -292,12 +332,19 @@ class GradScaler:
                     torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(self._device)
                 )
             self._lazy_init(torch.device(device))
-        return pipelining.ScaledLossFn(loss_fn, self._state.scale if self._enabled else None)
+        observe = self._engine.note_loss if self._enabled and self._watches_loss else None
+        return pipelining.ScaledLossFn(loss_fn, self._state.scale if self._enabled else None, observe)
+
+    @property
+    def _watches_loss(self) -> bool:
+        # The loss rules and fault attribution read the losses given to scale().
+        return self._config.loss_rules or self._config.on_fault is not None
 
     def _lazy_init(self, device: torch.device) -> None:
         if not self._initialized:
             self._state = self._state.to(device)
             self._stats = self._stats.to(device)
+            self._rules = self._engine.rule_state = self._rules.to(device)
             self._initialized = True
 
     def _require_init(self, funcname: str) -> None:
@@ -413,11 +460,17 @@ class GradScaler:
             self._advance(self._engine.finish(self._state))
         # The step is closed before reporting, so a MinScaleError leaves a usable scaler behind.
         self._report_min_scale()
+        self._report_fault()
 
     def _advance(self, outcome: StepOutcome) -> None:
         # The rule on a job-wide outcome, then the metrics, in place: CUDA-graph captures and user
         # references to the state tensors stay valid.
-        if kernels.backend(self._kernel, self._state.scale.device, torch.float32) == "triton":
+        if outcome.decision is not None:  # skip rules: the torch rule with held steps
+            new = policy.update(self._state, outcome.found_inf, self._config, outcome.amax, outcome.held)
+            new_stats = stats.update_stats(self._stats, outcome, self._state, new, self._config)
+            new_rules = rules.advance(self._rules, outcome.decision, outcome.found_inf)
+            torch._foreach_copy_([*self._state, *self._stats, *self._rules], [*new, *new_stats, *new_rules])
+        elif kernels.backend(self._kernel, self._state.scale.device, torch.float32) == "triton":
             # One launch instead of ~40 tiny kernels; bitwise the torch rule below.
             from distscale.kernels import update_triton
 
@@ -481,6 +534,21 @@ class GradScaler:
             raise MinScaleError(message + " HINT: lower min_scale, or use on_min_scale='clamp'.")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
+    def _report_fault(self) -> None:
+        report = self._engine.step_fault_report
+        on_fault = self._config.on_fault
+        if report is None or on_fault is None or on_fault == "skip":
+            return
+        message = report.format()
+        if on_fault == "raise":
+            raise FaultError(
+                message + "\nHINT: drain that host and restart from the last checkpoint, or use "
+                "on_fault='warn' to train on.",
+                report,
+            )
+        if self._reducer.rank == 0:  # the report is the same on every rank: warn once
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ what the scaler did
 
     @property
@@ -518,6 +586,17 @@ class GradScaler:
             "min_scale_events": st.num_min_scale_events,
             **self._stats._asdict(),
         }
+        r = self._rules
+        # Without rules the only reason is an overflow: derived here, nothing spent per step.
+        deciding = self._engine.rule_config is not None
+        named.update(
+            norm_spikes=r.norm_spikes,
+            loss_spikes=r.loss_spikes,
+            suspected_faults=r.suspected_faults,
+            skip_reason=r.skip_reason if deciding else self._stats.step_was_skipped.long(),
+            fault_rank=r.fault_rank,
+            loss=r.loss,
+        )
         return {k: v.clone() for k, v in named.items()}
 
     def metrics(self) -> dict[str, float | int | bool]:
@@ -528,13 +607,31 @@ class GradScaler:
         ``skipped_steps``, ``min_scale_events`` and the counters of
         :class:`~distscale.stats.ScalerStats` (``overflows``, ``consecutive_overflows``,
         ``max_consecutive_overflows``, ``steps_since_overflow``, ``steps_at_min_scale``,
-        ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``; NaN: not
-        measured).
+        ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``, ``amax``,
+        ``headroom_log2``, ``scale_change``; NaN: not measured) and the skip rules' counters
+        (``norm_spikes``, ``loss_spikes``, ``suspected_faults``; ``skip_reason``, an index into
+        :data:`distscale.rules.SKIP_REASONS`; ``fault_rank``; ``loss``, the job-wide loss the loss
+        rules saw). ``skipped_steps`` counts overflows; each other reason has its counter.
         """
         tensors = self.metric_tensors()
         if not tensors:
             return {}
         return fields.to_host(tensors)  # host sync
+
+    @property
+    def last_skip_reason(self) -> str | None:
+        """Why the step closed by the last ``update()`` was skipped: "overflow", "norm_spike",
+        "loss_spike" or "fault"; None when it was applied (or disabled). Host sync: one read."""
+        if not self._enabled:
+            return None
+        code = int(self.metric_tensors()["skip_reason"].item())  # host sync
+        return None if code == 0 else rules.SKIP_REASONS[code]
+
+    @property
+    def last_fault_report(self) -> FaultReport | None:
+        """With ``on_fault``: the last suspected fault (rank, host, device, parameters), the same
+        on every rank; None before any."""
+        return self._engine.last_fault_report
 
     @property
     def last_overflow_report(self) -> OverflowReport | None:
@@ -569,11 +666,14 @@ class GradScaler:
         """
         if not self._enabled:
             return {}
-        plain = fields.to_host({**self._state._asdict(), **self._stats._asdict()})  # host sync
+        plain = fields.to_host(
+            {**self._state._asdict(), **self._stats._asdict(), **self._rules._asdict()}
+        )  # host sync
         return checkpoint.build(
             self._config,
             {name: plain[name] for name in policy.ScaleState._fields},
             {name: plain[name] for name in stats.ScalerStats._fields},
+            {name: plain[name] for name in rules.RuleState._fields},
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -584,9 +684,14 @@ class GradScaler:
         """
         if not self._enabled:
             return
-        config, values, stat_values = checkpoint.validate(state_dict, self._config)
+        config, values, stat_values, rule_values = checkpoint.validate(state_dict, self._config)
         self._config = config
         self._engine.measure_amax = config.rule == "amax"
+        self._engine.rule_config = config if config.decides_beyond_overflow else None
+        # The histories' length is the loaded spike_window.
+        self._rules = self._engine.rule_state = rules.init_state(config, self._state.scale.device)
+        for name, tensor in zip(rules.RuleState._fields, self._rules, strict=True):
+            tensor.copy_(torch.tensor(rule_values[name], dtype=tensor.dtype))
         for name, tensor in zip(policy.ScaleState._fields, self._state, strict=True):
             tensor.fill_(values[name])
         for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):
@@ -604,10 +709,12 @@ class GradScaler:
         state = self.__dict__.copy()
         state["_state"] = self._state.to("cpu")
         state["_stats"] = self._stats.to("cpu")
+        state["_rules"] = self._rules.to("cpu")
         state["_initialized"] = False
         # Process groups do not pickle: an unpickled scaler reduces over the default group.
         state["_reducer"] = ReduceGroup(None)
         state["_engine"] = self._engine.fresh(state["_reducer"])
+        state["_engine"].rule_state = state["_rules"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -764,18 +871,21 @@ class GradScaler:
 
     def set_growth_factor(self, new_factor: float) -> None:
         self._config = replace(self._config, growth_factor=new_factor)
+        self._engine.rule_config = self._config if self._config.decides_beyond_overflow else None
 
     def get_backoff_factor(self) -> float:
         return self._config.backoff_factor
 
     def set_backoff_factor(self, new_factor: float) -> None:
         self._config = replace(self._config, backoff_factor=new_factor)
+        self._engine.rule_config = self._config if self._config.decides_beyond_overflow else None
 
     def get_growth_interval(self) -> int:
         return self._config.growth_interval
 
     def set_growth_interval(self, new_interval: int) -> None:
         self._config = replace(self._config, growth_interval=new_interval)
+        self._engine.rule_config = self._config if self._config.decides_beyond_overflow else None
 
 
 @functools.cache

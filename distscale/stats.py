@@ -23,6 +23,7 @@ from distscale.fields import Field
 
 if TYPE_CHECKING:
     from distscale.policy import ScaleState
+    from distscale.rules import Decision
 
 __all__ = [
     "SCALE_CHANGES",
@@ -100,6 +101,11 @@ class StepOutcome(NamedTuple):
     """The skip, when already known on the host (None: not read; reading it is a sync)."""
     amax: torch.Tensor | None = None
     """The step's job-wide largest |scaled gradient| (None: not measured)."""
+    held: torch.Tensor | None = None
+    """0-dim bool: skipped by a skip rule or a suspected fault, not an overflow (None: no rules;
+    see :mod:`distscale.rules`)."""
+    decision: Decision | None = None
+    """The rules' decision for the step (None: no rules)."""
 
 
 def headroom_log2(amax: torch.Tensor) -> torch.Tensor:
@@ -122,6 +128,7 @@ def update_stats(
     overflows, grad_norm, underflow = outcome.overflows, outcome.grad_norm, outcome.underflow
     if overflows is None:
         overflows = found.to(torch.int64)
+    skipped = found if outcome.held is None else found | outcome.held.to(device)
     consecutive = torch.where(found, stats.consecutive_overflows + 1, 0)
     if config.min_scale is None:
         at_min = torch.zeros_like(stats.steps_at_min_scale)
@@ -138,7 +145,7 @@ def update_stats(
         max_consecutive_overflows=torch.maximum(stats.max_consecutive_overflows, consecutive),
         steps_since_overflow=torch.where(found, 0, stats.steps_since_overflow + 1),
         steps_at_min_scale=stats.steps_at_min_scale + at_min,
-        step_was_skipped=found,
+        step_was_skipped=skipped,
         grad_norm=nan if grad_norm is None else grad_norm.to(device=device, dtype=torch.float32),
         zero_fraction=zero_fraction,
         underflow_fraction=underflow_fraction,

@@ -36,6 +36,10 @@ def _plain(value, path="state_dict"):
             assert isinstance(key, str), f"{path} has a non-string key {key!r}"
             _plain(item, f"{path}[{key!r}]")
         return
+    if isinstance(value, list):  # the skip rules' histories: lists of floats
+        for i, item in enumerate(value):
+            assert type(item) is float, f"{path}[{i}] is {type(item).__name__}"
+        return
     assert value is None or type(value) in (int, float, str, bool), f"{path} is {type(value).__name__}"
 
 
@@ -49,7 +53,7 @@ def test_state_dict_is_plain_data():
     assert state["format_version"] == FORMAT_VERSION
     assert type(state["format_version"]) is int
     assert TORCH_KEYS <= set(state)
-    assert set(state) == TORCH_KEYS | {"format_version", "config", "state", "stats"}
+    assert set(state) == TORCH_KEYS | {"format_version", "config", "state", "stats", "rules"}
     assert set(state["state"]) == set(distscale.ScaleState._fields)
     assert set(state["config"]) == {f.name for f in distscale.ScalerConfig.__dataclass_fields__.values()}
 
@@ -461,6 +465,8 @@ def _as_version(state, version):
     for key, spec in checkpoint.STATE_FIELDS.items():
         if spec.since > version:
             del old["state"][key]
+    if version < checkpoint.RULES_SINCE:
+        del old["rules"]
     if version < checkpoint.STATS_SINCE:
         del old["stats"]
     else:
@@ -480,7 +486,7 @@ def _as_version_1(state):
 def test_version_1_state_dict_loads_with_new_fields_at_their_defaults():
     source, _, _ = trained()
     state = source.state_dict()
-    assert FORMAT_VERSION == 4
+    assert FORMAT_VERSION == 5
     target = GradScaler("cpu", tolerance=0.5, growth_delay=3, min_scale_rule="refuse")
     target.load_state_dict(_as_version_1(state))
     config = target.config

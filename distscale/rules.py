@@ -128,6 +128,8 @@ class Decision(NamedTuple):
     """float32, NaN when not measured."""
     loss: torch.Tensor
     """float32: the job-wide mean loss; inf when some rank's loss was not finite; NaN: none."""
+    overflow: torch.Tensor
+    """bool: some rank's gradients were non-finite (an overflow, or the fault's symptom)."""
 
     def host_vector(self) -> torch.Tensor:
         """(skip, reason, fault_kind, fault_rank) as float32, to read with the step's flags."""
@@ -248,7 +250,7 @@ def decide(rs: RuleState, inputs: StepInputs, scale: torch.Tensor, config: Scale
         fault, 4, torch.where(overflow, 1, torch.where(loss_spike, 3, torch.where(norm_spike, 2, 0)))
     )
     skip = fault | (clean & (loss_spike | norm_spike))
-    return Decision(skip, reason, kind, fault_rank, lone, norm, loss.float())
+    return Decision(skip, reason, kind, fault_rank, lone, norm, loss.float(), overflow)
 
 
 def _record(
@@ -258,11 +260,11 @@ def _record(
     return torch.where(at & ok, value.float(), history), count + ok.long()
 
 
-def advance(rs: RuleState, decision: Decision, overflow: torch.Tensor) -> RuleState:
+def advance(rs: RuleState, decision: Decision) -> RuleState:
     """The rules' state after the step: statistics of applied steps, the lone-rank streak, the
-    counters. ``overflow``: the step's job-wide non-finite-gradient flag. Pure, no host sync."""
+    counters. Pure, no host sync."""
     d = decision
-    overflow = overflow.to(d.reason.device).reshape(()) > 0
+    overflow = d.overflow
     applied = ~overflow & ~d.skip
     norm_history, num_norms = _record(
         rs.norm_history, rs.num_norms, d.grad_norm, applied & torch.isfinite(d.grad_norm)

@@ -468,7 +468,7 @@ class GradScaler:
         if outcome.decision is not None:  # skip rules: the torch rule with held steps
             new = policy.update(self._state, outcome.found_inf, self._config, outcome.amax, outcome.held)
             new_stats = stats.update_stats(self._stats, outcome, self._state, new, self._config)
-            new_rules = rules.advance(self._rules, outcome.decision, outcome.found_inf)
+            new_rules = rules.advance(self._rules, outcome.decision)
             torch._foreach_copy_([*self._state, *self._stats, *self._rules], [*new, *new_stats, *new_rules])
         elif kernels.backend(self._kernel, self._state.scale.device, torch.float32) == "triton":
             # One launch instead of ~40 tiny kernels; bitwise the torch rule below.

@@ -46,7 +46,11 @@ def test_a_field_without_its_declaration_is_refused() -> None:
 def test_checkpoint_keys_and_version_derive_from_the_declarations() -> None:
     assert tuple(checkpoint.STATE_FIELDS) == ScaleState._fields
     assert tuple(checkpoint.STATS_FIELDS) == ScalerStats._fields
-    declared = (*checkpoint.STATE_FIELDS.values(), *checkpoint.STATS_FIELDS.values(), *checkpoint.RULES_FIELDS.values())
+    declared = (
+        *checkpoint.STATE_FIELDS.values(),
+        *checkpoint.STATS_FIELDS.values(),
+        *checkpoint.RULES_FIELDS.values(),
+    )
     newest = max(f.since for f in declared)
     assert checkpoint.FORMAT_VERSION == newest == max(checkpoint.CONFIG_SINCE.values()) == 5
     assert checkpoint._keys_in(checkpoint.STATE_FIELDS, 1) == set(ScaleState._fields) - {

@@ -47,7 +47,7 @@ def test_bad_settings_fail_at_construction_naming_argument_and_value(kwargs, mes
 
 
 def test_types_are_checked() -> None:
-    with pytest.raises(TypeError, match="spike_window must be an int, got float 2.5"):
+    with pytest.raises(TypeError, match=r"spike_window must be an int, got float 2\.5"):
         ScalerConfig(spike_window=2.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="skip_loss_sigma must be a real number, got str"):
         ScalerConfig(skip_loss_sigma="6")  # type: ignore[arg-type]
@@ -160,7 +160,10 @@ def test_a_held_step_keeps_the_scale_state() -> None:
             assert torch.equal(getattr(held, name), getattr(state, name)), name
     assert int(held.num_updates) == int(state.num_updates) + 1
     applied = policy.update(state, torch.tensor(0.0), config, held=torch.tensor(False))
-    assert all(torch.equal(a, b) for a, b in zip(applied, policy.update(state, torch.tensor(0.0), config)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(applied, policy.update(state, torch.tensor(0.0), config), strict=True)
+    )
 
 
 def _train(scaler, steps, plants, spikes, opt_kind="sgd", start=0, net=None, opt=None):
@@ -209,7 +212,7 @@ def test_a_norm_spike_is_skipped_without_backoff_and_counted(opt_kind: str) -> N
     scaler = distscale.GradScaler(
         "cpu", init_scale=2.0**10, growth_interval=4, skip_grad_norm_sigma=6.0, spike_window=5, spike_warmup=5
     )
-    net, reasons, scales = _train(scaler, 12, {}, {8: 1e4}, opt_kind)
+    _, reasons, scales = _train(scaler, 12, {}, {8: 1e4}, opt_kind)
     assert reasons == [None] * 8 + ["norm_spike"] + [None] * 3
     assert scales[8] == scales[7]
     m = scaler.metrics()
@@ -236,7 +239,9 @@ def test_on_fault_raise_names_the_fault_and_leaves_a_usable_scaler() -> None:
     tiny.backward(net, scaler, 0)
     tiny.plant(net, NAN)
     scaler.step(opt)
-    with pytest.raises(FaultError, match=r"(?s)suspected fault \(min_scale.*rank 0 on host .*0\.weight") as info:
+    with pytest.raises(
+        FaultError, match=r"(?s)suspected fault \(min_scale.*rank 0 on host .*0\.weight"
+    ) as info:
         scaler.update()
     assert info.value.report.kind == "min_scale" and info.value.report.rank == 0
     assert scaler.get_scale() == 1.0 and scaler.last_skip_reason == "fault"

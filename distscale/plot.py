@@ -17,7 +17,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DPI", "FIGSIZE", "overflow_rate", "plot_metrics", "read_metrics", "scale_changes", "skipped_flag"]
+__all__ = [
+    "DPI",
+    "FIGSIZE",
+    "overflow_rate",
+    "plot_metrics",
+    "read_metrics",
+    "scale_changes",
+    "skip_reason",
+    "skipped_flag",
+]
 
 # Fixed so the PNG is always 1000 x 800 px (no tight bbox, which would crop to content).
 FIGSIZE = (10.0, 8.0)
@@ -67,6 +76,26 @@ def skipped_flag(record: Mapping[str, Any]) -> bool | None:
         if isinstance(value, bool | int | float) and not (isinstance(value, float) and math.isnan(value)):
             return bool(value)
     return None
+
+
+# Skipped steps by reason (the records' "skip_reason" codes, distscale.rules.SKIP_REASONS).
+SKIP_MARKERS = {
+    "overflow": ("v", SKIP_COLOR),
+    "norm_spike": ("^", "#ff7f0e"),
+    "loss_spike": ("s", "#9467bd"),
+    "fault": ("X", "#000000"),
+}
+
+
+def skip_reason(record: Mapping[str, Any]) -> str:
+    """Why the record's (skipped) step was skipped: a ``SKIP_REASONS`` name from its
+    ``"skip_reason"`` code, or "skipped" when the record has none (older metrics, other scalers)."""
+    from distscale.rules import SKIP_REASONS  # the codes' one home (imports torch: only when asked)
+
+    code = record.get("skip_reason")
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < len(SKIP_REASONS):
+        return SKIP_REASONS[code]
+    return "skipped"
 
 
 def _finite(record: Mapping[str, Any], key: str) -> float | None:
@@ -181,19 +210,19 @@ def plot_metrics(
     if steps:
         ax.plot(steps, [math.log2(v) for v in scales], drawstyle="steps-post", color="#1f77b4", lw=1)
         # A record's scale is the one update() left; the step itself ran at the previous record's.
-        marks = []
+        marks: dict[str, list[tuple[int, float]]] = {}
         previous: float | None = None
         for r in records:
             v = _finite(r, "scale")
             used = previous if previous is not None else v
             if skipped_flag(r) and used is not None and used > 0:
-                marks.append((r["step"], math.log2(used)))
+                marks.setdefault(skip_reason(r), []).append((r["step"], math.log2(used)))
             if v is not None and v > 0:
                 previous = v
-        if marks:
-            ax.scatter(
-                *zip(*marks, strict=True), color=SKIP_COLOR, marker="v", s=18, zorder=3, label="skipped"
-            )
+        for reason, points in marks.items():
+            marker, color = SKIP_MARKERS.get(reason, ("v", SKIP_COLOR))
+            label = "skipped" if reason == "skipped" else f"skipped: {reason.replace('_', ' ')}"
+            ax.scatter(*zip(*points, strict=True), color=color, marker=marker, s=18, zorder=3, label=label)
         for reason, changed in scale_changes(records).items():
             marker, color = CHANGE_MARKERS[reason]
             points = [(step, math.log2(scale)) for step, scale in changed]

@@ -595,7 +595,7 @@ class GradScaler:
             suspected_faults=r.suspected_faults,
             skip_reason=r.skip_reason if deciding else self._stats.step_was_skipped.long(),
             fault_rank=r.fault_rank,
-            loss=r.loss,
+            observed_loss=r.loss,
         )
         return {k: v.clone() for k, v in named.items()}
 
@@ -610,8 +610,8 @@ class GradScaler:
         ``step_was_skipped``, ``grad_norm``, ``zero_fraction``, ``underflow_fraction``, ``amax``,
         ``headroom_log2``, ``scale_change``; NaN: not measured) and the skip rules' counters
         (``norm_spikes``, ``loss_spikes``, ``suspected_faults``; ``skip_reason``, an index into
-        :data:`distscale.rules.SKIP_REASONS`; ``fault_rank``; ``loss``, the job-wide loss the loss
-        rules saw). ``skipped_steps`` counts overflows; each other reason has its counter.
+        :data:`distscale.rules.SKIP_REASONS`; ``fault_rank``; ``observed_loss``, the job-wide loss the
+        rules saw: the mean of the losses given to ``scale()``, with rules on). ``skipped_steps`` counts overflows; each other reason has its counter.
         """
         tensors = self.metric_tensors()
         if not tensors:

@@ -109,6 +109,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--inject-failure", metavar="STEP:RANK", help="testing aid: SIGKILL RANK at STEP (first attempt)"
     )
+    rules = p.add_argument_group("skip rules and faults (distscale.rules; all off by default)")
+    rules.add_argument(
+        "--scaler",
+        choices=["distscale", "torch"],
+        default="distscale",
+        help="torch: torch.amp.GradScaler, each rank on its own (for comparison; --policy torch only)",
+    )
+    rules.add_argument("--skip-norm-above", type=float, help="skip steps whose grad norm is above this")
+    rules.add_argument("--skip-norm-sigma", type=float, help="skip grad-norm spikes of more than K sigma")
+    rules.add_argument("--skip-loss-above", type=float, help="skip steps whose loss is above this")
+    rules.add_argument("--skip-loss-sigma", type=float, help="skip loss spikes of more than K sigma")
+    rules.add_argument(
+        "--spike-window", type=int, default=100, help="applied steps the sigma rules compare with"
+    )
+    rules.add_argument(
+        "--spike-warmup", type=int, default=100, help="applied steps before the sigma rules act"
+    )
+    rules.add_argument(
+        "--on-fault", choices=["warn", "raise", "skip"], help="name suspected faults and warn, raise or skip"
+    )
+    rules.add_argument("--fault-repeats", type=int, default=3, help="lone non-finite steps that make a fault")
+    rules.add_argument(
+        "--inject-nan",
+        metavar="RANK:STEP[:COUNT]",
+        help="testing aid: a NaN in RANK's gradients after backward from STEP on (COUNT steps; default: to the end)",
+    )
+    rules.add_argument(
+        "--corrupt-batch", metavar="RANK:STEP", help="testing aid: RANK's targets at STEP replaced by noise"
+    )
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.ckpt_every < 0 or args.underflow_every < 0:
         p.error("--steps and --batch must be >= 1, --ckpt-every and --underflow-every >= 0")
@@ -116,7 +145,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--ckpt-every needs --ckpt-dir")
     if args.pp_size < 1 or args.microbatches < 1:
         p.error("--pp-size and --microbatches must be >= 1")
+    if args.scaler == "torch" and (args.policy != "torch" or args.parallel in ("pp", "pp_fsdp")):
+        p.error("--scaler torch runs torch's own rule (--policy torch) and no pipeline")
+    args.inject_nan = _ints(p, "--inject-nan", args.inject_nan, 2, 3)
+    args.corrupt_batch = _ints(p, "--corrupt-batch", args.corrupt_batch, 2, 2)
     return args
+
+
+def _ints(
+    p: argparse.ArgumentParser, flag: str, value: str | None, low: int, high: int
+) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(x) for x in value.split(":"))
+    except ValueError:
+        parts = ()
+    if not low <= len(parts) <= high or min(parts) < 0:
+        p.error(f"{flag} takes {low} to {high} non-negative integers separated by ':', got {value!r}")
+    return parts
 
 
 def build_model(args: argparse.Namespace, world: int, device: torch.device) -> tuple[nn.Module, int, int]:
@@ -206,6 +253,14 @@ def make_scaler(args: argparse.Namespace, device_type: str, **layout: Any) -> Gr
         "enabled": args.dtype == "fp16",
         "overflow_diagnostics": args.diagnose_overflow,
         "underflow_every": args.underflow_every,
+        "skip_grad_norm_above": args.skip_norm_above,
+        "skip_grad_norm_sigma": args.skip_norm_sigma,
+        "skip_loss_above": args.skip_loss_above,
+        "skip_loss_sigma": args.skip_loss_sigma,
+        "spike_window": args.spike_window,
+        "spike_warmup": args.spike_warmup,
+        "on_fault": args.on_fault,
+        "fault_repeats": args.fault_repeats,
     }
     if args.policy in ("torch", "amax"):
         rule = {"rule": "amax", "amax_margin": args.amax_margin} if args.policy == "amax" else {}
@@ -225,6 +280,71 @@ def make_scaler(args: argparse.Namespace, device_type: str, **layout: Any) -> Gr
     return GradScaler.from_fairseq(
         device_type, init_scale=args.init_scale, scale_window=args.growth_interval, **common
     )
+
+
+class TorchScalerRun:
+    """torch.amp.GradScaler with the calls this job makes (for ``--scaler torch``): each rank
+    decides on its own gradients, as torch's scaler does; metrics are this rank's."""
+
+    def __init__(self, args: argparse.Namespace, device_type: str) -> None:
+        self.scaler = torch.amp.GradScaler(
+            device_type, init_scale=args.init_scale, growth_interval=args.growth_interval,
+            enabled=args.dtype == "fp16",
+        )  # fmt: skip
+        self.skipped = False
+        self.num_skipped = 0
+        self.opt: torch.optim.Optimizer | None = None
+
+    def register_model(self, model: nn.Module) -> None:
+        self.model = model
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def clip_grad_norm_(self, opt: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        self.scaler.unscale_(opt)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self.scaler.step(opt)
+
+    def update(self) -> None:
+        assert self.opt is not None
+        found = self.scaler._found_inf_per_device(self.opt)
+        self.skipped = bool(sum(v.item() for v in found.values()))
+        self.num_skipped += self.skipped
+        self.scaler.update()
+
+    def get_scale(self) -> float:
+        return self.scaler.get_scale()
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "scale": self.get_scale(),
+            "step_was_skipped": self.skipped,
+            "skipped_steps": self.num_skipped,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state)
+
+
+def plant_nan(model: nn.Module) -> None:
+    """A NaN in this rank's first local gradient element (the --inject-nan fault)."""
+    from torch.distributed.tensor import DTensor
+
+    for param in model.parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        if local.numel():
+            local.view(-1)[0] = float("nan")
+            return
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -347,7 +467,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     else:
         model, dp_rank, dp_size = build_model(args, world, device)
-        scaler = make_scaler(args, device.type)
+        scaler = (
+            TorchScalerRun(args, device.type) if args.scaler == "torch" else make_scaler(args, device.type)
+        )
     opt = make_optimizer(args, model)
     scaler.register_model(model)
     language = MarkovLanguage(GPTConfig().vocab)
@@ -379,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         inputs, targets = language.local_batch(
             step, args.batch, GPTConfig().context, args.seed, dp_rank, dp_size
         )
+        if args.corrupt_batch is not None and (rank, step) == tuple(args.corrupt_batch):
+            noise = torch.Generator().manual_seed(step)  # a mislabelled batch: targets are noise
+            targets = torch.randint(0, GPTConfig().vocab, targets.shape, generator=noise)
         inputs, targets = inputs.to(device), targets.to(device)
         opt.zero_grad(set_to_none=True)
         autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
@@ -395,6 +520,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 logits = model(inputs)
             loss = token_loss(logits, targets)
             scaler.scale(loss).backward()
+        if args.inject_nan is not None and rank == args.inject_nan[0]:
+            first, count = args.inject_nan[1], (args.inject_nan[2:] or (args.steps,))[0]
+            if first <= step < first + count:
+                plant_nan(model)  # a faulty device: after backward, in this rank's gradients only
         norm = scaler.clip_grad_norm_(opt, args.clip) if args.clip > 0 else None
         scaler.step(opt)
         scaler.update()
@@ -442,18 +571,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "policy": args.policy,
         "scale": scaler.get_scale(),
         "skipped_steps": record.get("skipped_total", 0),
+        "skipped_by_reason": {
+            "overflow": record.get("skipped_total", 0),
+            **{k: record.get(k, 0) for k in ("norm_spikes", "loss_spikes", "suspected_faults")},
+        },
+        "fault": None
+        if getattr(scaler, "last_fault_report", None) is None
+        else scaler.last_fault_report.format(),
         "wall_time_s": time.perf_counter() - wall,
         "model_sha256": model_digest(model, stages=pipelined),
     }
-    scales = [None] * world
-    dist.all_gather_object(scales, summary["scale"])
-    summary["scale_by_rank"] = scales
+    by_rank: list[Any] = [None] * world
+    # This rank's own view: under --scaler torch the ranks' scales, skips and replicas may differ.
+    local_digest = None
+    if args.parallel == "ddp":  # replicas: every rank holds all parameters
+        params = b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
+        local_digest = hashlib.sha256(params).hexdigest()
+    dist.all_gather_object(by_rank, (summary["scale"], record.get("skipped_total", 0), local_digest))
+    summary["scale_by_rank"] = [b[0] for b in by_rank]
+    summary["skipped_by_rank"] = [b[1] for b in by_rank]
+    if args.parallel == "ddp":
+        summary["replicas_equal"] = len({b[2] for b in by_rank}) == 1
     if rank == 0:
         print(
             f"done: {args.steps - start} steps on {world} rank(s) ({env.launcher}, {args.parallel}) in "
             f"{summary['wall_time_s']:.1f} s; final loss {summary['final_loss'] or float('nan'):.4f} "
             f"(floor {language.best_loss:.4f}); scale {summary['scale']:g} on every rank: "
-            f"{len(set(scales)) == 1}; skipped steps {summary['skipped_steps']}",
+            f"{len(set(summary['scale_by_rank'])) == 1}; skipped steps {summary['skipped_steps']}",
             flush=True,
         )
     metrics.close()

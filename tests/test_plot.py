@@ -255,3 +255,28 @@ def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture) -> None:
             main(argv)
         assert info.value.code == 2
     assert "--window: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_skipped_steps_are_marked_by_reason(tmp_path: Path) -> None:
+    """Records with skip_reason codes: a norm spike and a fault get their own markers and colours."""
+    from distscale.plot import SKIP_MARKERS, skip_reason
+    from distscale.rules import SKIP_REASONS
+
+    codes = {10: "norm_spike", 20: "fault", 21: "fault"}
+    records = [
+        {
+            "step": s,
+            "scale": 1024.0,
+            "loss": 1.0,
+            "skipped": s in codes,
+            "skip_reason": SKIP_REASONS.index(codes[s]) if s in codes else 0,
+        }
+        for s in range(30)
+    ]
+    assert [skip_reason(r) for r in records if r["skipped"]] == ["norm_spike", "fault", "fault"]
+    assert skip_reason({"step": 0, "skipped": True}) == "skipped"  # metrics without reasons
+    out = tmp_path / "reasons.png"
+    plot_metrics(records, out, window=5)
+    rgb = _image(out)[..., :3]
+    assert _has_colour(rgb, SKIP_MARKERS["norm_spike"][1]), "no norm-spike marker"
+    assert not _has_colour(rgb, SKIP_MARKERS["loss_spike"][1], tol=0.02), "no loss spike happened"

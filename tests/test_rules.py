@@ -227,8 +227,17 @@ def test_skip_reason_without_rules_and_metrics_keys() -> None:
     _, reasons, _ = _train(scaler, 3, {1: INF}, {})
     assert reasons == [None, "overflow", None]
     m = scaler.metrics()
-    assert {"norm_spikes", "loss_spikes", "suspected_faults", "skip_reason", "fault_rank", "loss"} <= set(m)
-    assert (m["skip_reason"], m["norm_spikes"], m["fault_rank"]) == (0, 0, -1) and math.isnan(m["loss"])
+    assert {
+        "norm_spikes",
+        "loss_spikes",
+        "suspected_faults",
+        "skip_reason",
+        "fault_rank",
+        "observed_loss",
+    } <= set(m)
+    assert (m["skip_reason"], m["norm_spikes"], m["fault_rank"]) == (0, 0, -1) and math.isnan(
+        m["observed_loss"]
+    )
 
 
 def test_on_fault_raise_names_the_fault_and_leaves_a_usable_scaler() -> None:
@@ -337,3 +346,24 @@ def test_no_warning_from_rules_that_are_off() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(distscale.GradScaler("cpu", init_scale=1.0), 3, {1: INF}, {})
+
+
+def test_spike_rules_add_no_host_sync_with_a_fused_optimizer() -> None:
+    from distscale.testing import count_host_syncs
+
+    scaler = distscale.GradScaler(
+        "cpu", init_scale=2.0**10, skip_grad_norm_sigma=6.0, skip_loss_sigma=6.0, spike_window=4, spike_warmup=2
+    )
+    net = tiny.model()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+    for step in range(8):
+        opt.zero_grad(set_to_none=True)
+        tiny.backward(net, scaler, step)
+        if step == 6:
+            for p in net.parameters():
+                p.grad.mul_(1e4)
+        with count_host_syncs() as reads:
+            scaler.step(opt)
+            scaler.update()
+        assert sum(reads.values()) == 0, (step, reads)
+    assert scaler.metrics()["norm_spikes"] == 1

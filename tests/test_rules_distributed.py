@@ -50,7 +50,7 @@ def test_rules_decide_the_same_everywhere(runs: list[dict]) -> None:
         for step, m in enumerate(r0["metrics"]):
             want = (r0["losses"][step] + r1["losses"][step]) / 2
             if step < rc.NAN_FROM:
-                assert m["loss"] == pytest.approx(want, rel=1e-5), (case, step)
+                assert m["observed_loss"] == pytest.approx(want, rel=1e-5), (case, step)
         assert r0["state"] == r1["state"], case
 
 

@@ -337,10 +337,10 @@ class StepEngine:
         found_inf, overflows = flags.sum(), (flags > 0).sum()
         decision, held = self._step.decision, None
         if decision is not None:
-            # A suspected fault is held, not backed off: it is no overflow for the rule.
-            not_fault = decision.reason != rules.SKIP_REASONS.index("fault")
-            found_inf = torch.where(not_fault, found_inf, 0.0)
-            overflows = torch.where(not_fault, overflows, 0)
+            # A step a rule or a suspected fault skipped is held, not backed off: no overflow for
+            # the rule, even where its gradients were non-finite.
+            found_inf = torch.where(decision.skip, 0.0, found_inf)
+            overflows = torch.where(decision.skip, 0, overflows)
             held = decision.skip
         report = self._step.fault_report
         self.end()

@@ -9,7 +9,7 @@ values and every rank takes the same decision, on the device (``torch.where`` on
   ``skip_grad_norm_sigma`` standard deviations above the mean of the last ``spike_window`` applied
   steps' norms, or more than ``skip_grad_norm_ratio`` times that mean;
 * **loss spikes**: the same for the job-wide loss (the mean of the losses the ranks gave to
-  ``scale()``), and a non-finite loss;
+  ``scale()``), and a non-finite loss (fp16 overflow in the forward pass: no backoff cures it);
 * **suspected faults** (``on_fault``), non-finite events a backoff does not cure::
 
       lone_rank:      non-finite gradients on one rank only, on ``fault_repeats`` non-finite steps
@@ -20,7 +20,10 @@ values and every rank takes the same decision, on the device (``torch.where`` on
       nonfinite_loss: a non-finite loss from finite gradients (the loss does not depend on the
                       scale: a corrupted batch, or a bad computation)
 
-Reasons take precedence in this order: fault, overflow, loss spike, norm spike. A step skipped by a
+Reasons take precedence in this order: fault, loss spike, overflow, norm spike. A loss spike wins
+over an overflow: the loss does not depend on the scale, so non-finite gradients that come with a
+loss spike (a corrupted batch overflows easily) are the batch's doing, not the scale's, and a
+backoff would only cost scale; a norm spike is judged on finite gradients only. A step skipped by a
 rule or a suspected fault is **held**, not an overflow: the scale, the growth tracker, the
 hysteresis and the "amax" window stay as they were (the gradients were finite, or a backoff would
 not cure them); only ``num_updates`` advances. The statistics record applied steps only, so a spike
@@ -220,7 +223,8 @@ def decide(rs: RuleState, inputs: StepInputs, scale: torch.Tensor, config: Scale
         config.skip_grad_norm_ratio,
         config,
     )
-    loss_spike = clean & _spike(
+    # The loss does not depend on the scale: a spike judged on it holds even with an overflow.
+    loss_spike = _spike(
         loss,
         rs.loss_history,
         rs.num_losses,
@@ -230,7 +234,7 @@ def decide(rs: RuleState, inputs: StepInputs, scale: torch.Tensor, config: Scale
         config,
     )
     if config.loss_rules:
-        loss_spike = loss_spike | (clean & loss_bad)
+        loss_spike = loss_spike | loss_bad
     lone = _one_rank(bad_ranks, bad_rank_sum)
     kind = torch.zeros((), dtype=torch.int64, device=device)
     fault_rank = torch.full((), -1, dtype=torch.int64, device=device)
@@ -247,9 +251,9 @@ def decide(rs: RuleState, inputs: StepInputs, scale: torch.Tensor, config: Scale
         )
     fault = kind > 0
     reason = torch.where(
-        fault, 4, torch.where(overflow, 1, torch.where(loss_spike, 3, torch.where(norm_spike, 2, 0)))
+        fault, 4, torch.where(loss_spike, 3, torch.where(overflow, 1, torch.where(norm_spike, 2, 0)))
     )
-    skip = fault | (clean & (loss_spike | norm_spike))
+    skip = fault | loss_spike | norm_spike
     return Decision(skip, reason, kind, fault_rank, lone, norm, loss.float(), overflow)
 
 

@@ -11,9 +11,9 @@ Runs (each its own ``torchrun --standalone`` job, same data, model and seed, ``-
 * ``distscale + rules``: ``--skip-loss-sigma``/``--skip-norm-sigma`` and ``--on-fault warn``.
 
 The faults: rank 1's targets replaced by noise at ``--corrupt-step`` (a mislabelled batch: a loss
-spike), and a NaN in rank 1's gradients after backward for ``--nan-steps`` steps from
-``--nan-from`` (a faulty device; under DDP the gradients were already averaged, so only rank 1
-sees it). Arguments after ``--`` go to every ``launch/train.py`` run.
+spike), and a NaN in rank 1's gradients after backward from ``--nan-from`` on (for ``--nan-steps``
+steps; 0: to the end): a faulty device. Under DDP the gradients were already averaged, so only
+rank 1 sees it. Arguments after ``--`` go to every ``launch/train.py`` run.
 """
 
 from __future__ import annotations
@@ -28,18 +28,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = (
-    "run", "skipped (rank 0 / 1)", "overflow", "norm spike", "loss spike", "fault", "fault named",
+    "run", "steps skipped (rank 0 / 1)", "overflow", "norm spike", "loss spike", "fault", "fault named",
     "scale (rank 0 / 1)", "replicas equal", "final loss", "vs clean",
 )  # fmt: skip
 
 
 def runs(args: argparse.Namespace) -> dict[str, list[str]]:
-    faults = [
-        "--corrupt-batch",
-        f"1:{args.corrupt_step}",
-        "--inject-nan",
-        f"1:{args.nan_from}:{args.nan_steps}",
-    ]
+    nan = f"1:{args.nan_from}" + (f":{args.nan_steps}" if args.nan_steps else "")  # 0: to the end
+    faults = ["--corrupt-batch", f"1:{args.corrupt_step}", "--inject-nan", nan]
     rules = [
         "--skip-loss-sigma",
         "6",
@@ -75,7 +71,7 @@ def row(name: str, summary: dict[str, Any], clean_loss: float) -> dict[str, Any]
     fault = summary.get("fault")
     return {
         "run": name,
-        "skipped (rank 0 / 1)": " / ".join(str(n) for n in summary["skipped_by_rank"]),
+        "steps skipped (rank 0 / 1)": " / ".join(str(n) for n in summary["skipped_by_rank"]),
         "overflow": reasons.get("overflow", "-") if name != "torch" else "-",
         "norm spike": reasons.get("norm_spikes", 0),
         "loss spike": reasons.get("loss_spikes", 0),
@@ -98,12 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--corrupt-step", type=int, default=100)
     p.add_argument("--nan-from", type=int, default=140)
-    p.add_argument("--nan-steps", type=int, default=20)
+    p.add_argument("--nan-steps", type=int, default=0, help="steps with the NaN (0: to the end)")
     p.add_argument("--workdir", type=Path, help="where the per-run metrics go (default: a temp dir)")
     p.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     args = p.parse_args(argv)
-    if not 0 <= args.corrupt_step < args.steps or not 0 <= args.nan_from < args.steps or args.nan_steps < 1:
-        p.error("--corrupt-step and --nan-from must be steps of the run, --nan-steps >= 1")
+    if not 0 <= args.corrupt_step < args.steps or not 0 <= args.nan_from < args.steps or args.nan_steps < 0:
+        p.error("--corrupt-step and --nan-from must be steps of the run, --nan-steps >= 0")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="distscale-faults-"))
     workdir.mkdir(parents=True, exist_ok=True)
     summaries = {name: run_one(name, flags, args, workdir, extra) for name, flags in runs(args).items()}
@@ -112,9 +108,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     text = "\n".join(lines)
+    span = f"for {args.nan_steps} steps" if args.nan_steps else "to the end"
     print(
         f"\n{args.steps} steps, 2 ranks (DDP); rank 1: noise targets at step {args.corrupt_step}, NaN "
-        f"gradients for {args.nan_steps} steps from {args.nan_from}; metrics in {workdir}\n\n{text}"
+        f"gradients from step {args.nan_from} {span}; metrics in {workdir}\n\n{text}"
     )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

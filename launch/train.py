@@ -41,6 +41,7 @@ from gpt import GPT, Block, GPTConfig, GPTStage, MarkovLanguage
 
 from distscale import GradScaler
 from distscale.env import init_distributed
+from distscale.errors import FaultError
 from distscale.sinks import JsonlSink, MetricsLogger, MetricsSink, TensorBoardSink
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -347,6 +348,20 @@ def plant_nan(model: nn.Module) -> None:
             return
 
 
+def stop_on_fault(exc: FaultError, args: argparse.Namespace, rank: int, step: int, parts: tuple) -> None:
+    """A suspected fault with --on-fault raise: checkpoint the (consistent: the step was skipped
+    on every rank) state, say what to do, and leave with exit code 3 on every rank."""
+    model, opt, scaler = parts
+    if args.ckpt_dir is not None:
+        meta = {"parallel": args.parallel, "world_size": dist.get_world_size(), "dtype": args.dtype}
+        ckpt.save(args.ckpt_dir, step + 1, checkpoint_state(model, opt, scaler, step + 1, args), meta)
+    if rank == 0:
+        print(f"stopped: {exc}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(3)  # no teardown: see __main__
+
+
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr * 10, momentum=0.9)
@@ -526,7 +541,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 plant_nan(model)  # a faulty device: after backward, in this rank's gradients only
         norm = scaler.clip_grad_norm_(opt, args.clip) if args.clip > 0 else None
         scaler.step(opt)
-        scaler.update()
+        try:
+            scaler.update()
+        except FaultError as exc:  # --on-fault raise: every rank, at this step
+            stop_on_fault(exc, args, rank, step, (model, opt, scaler))
         # Logging (host reads and one all-reduce), outside the scaler's step. The scaler's
         # metrics are the same on every rank: one host read, no collective. The loss is the mean
         # over the ranks that computed one (every rank; the last stage's under a pipeline).
@@ -587,7 +605,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.parallel == "ddp":  # replicas: every rank holds all parameters
         params = b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
         local_digest = hashlib.sha256(params).hexdigest()
-    dist.all_gather_object(by_rank, (summary["scale"], record.get("skipped_total", 0), local_digest))
+    skipped_here = sum(summary["skipped_by_reason"].values())  # every reason (torch: this rank's)
+    dist.all_gather_object(by_rank, (summary["scale"], skipped_here, local_digest))
     summary["scale_by_rank"] = [b[0] for b in by_rank]
     summary["skipped_by_rank"] = [b[1] for b in by_rank]
     if args.parallel == "ddp":

@@ -160,6 +160,29 @@ def test_killed_rank_restarts_from_checkpoint_bitwise(tmp_path):
     assert "resumed from" in proc.stdout
 
 
+def test_faults_are_skipped_by_reason_named_and_stop_the_job_with_a_checkpoint(tmp_path):
+    """The main job with fault injection and the skip rules: rank 1's batch is noise at step 25 (a
+    loss spike), its gradients NaN from step 40 (two overflows, then a suspected fault that stops
+    every rank with exit code 3 and a checkpoint); the job resumes from it once the fault is gone."""
+    metrics, ckpt_dir = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    common = ("--parallel", "ddp", "--steps", "50", "--no-progress", "--metrics", str(metrics))
+    rules = ("--skip-loss-sigma", "6", "--spike-window", "10", "--spike-warmup", "10", "--on-fault", "raise")
+    faults = ("--corrupt-batch", "1:25", "--inject-nan", "1:40")
+    proc = run(torchrun(*common, *rules, *faults, "--ckpt-dir", str(ckpt_dir)), check=False)
+    assert proc.returncode != 0
+    assert "stopped: step 42: suspected fault (lone_rank" in proc.stderr and "rank 1 on host" in proc.stderr
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    reasons = {r["step"]: r["skip_reason"] for r in lines if r.get("skipped")}
+    assert reasons[25] == 3 and reasons[40] == reasons[41] == 1, reasons  # loss spike; overflows
+    assert [r["loss_spikes"] for r in lines][-1] == 1 and lines[-1]["step"] == 41
+    assert sorted(p.name for p in ckpt_dir.iterdir())[-1] == "step_00000043"
+    # The device replaced: the job resumes after the fault's step and finishes.
+    run(torchrun(*common, *rules, "--ckpt-dir", str(ckpt_dir), "--resume", "auto"))
+    _, summary = records(metrics)
+    assert summary["resumed_from"] == 43 and len(set(summary["scale_by_rank"])) == 1
+    assert summary["replicas_equal"] and summary["skipped_by_reason"]["suspected_faults"] == 1
+
+
 def _save_checkpoints(tmp_path: Path) -> Path:
     root = tmp_path / "ckpt"
     run(

@@ -121,6 +121,11 @@ def test_loss_rules_and_non_finite_loss() -> None:
         state = rules.advance(state, d)
     assert int(state.num_losses) == 1 and int(state.loss_spikes) == 2
     assert math.isnan(float(state.loss))  # the last step gave no loss
+    # Non-finite gradients with a loss spike: the batch's doing, a held loss spike, no overflow.
+    d = rules.decide(state, _inputs(INF, 11.0, overflow=True, bad_ranks=[0]), scale, config)
+    assert (rules.SKIP_REASONS[int(d.reason)], bool(d.skip)) == ("loss_spike", True)
+    d = rules.decide(state, _inputs(INF, 1.0, overflow=True, bad_ranks=[0]), scale, config)
+    assert (rules.SKIP_REASONS[int(d.reason)], bool(d.skip)) == ("overflow", False)
 
 
 def test_fault_kinds_and_precedence() -> None:
@@ -352,7 +357,12 @@ def test_spike_rules_add_no_host_sync_with_a_fused_optimizer() -> None:
     from distscale.testing import count_host_syncs
 
     scaler = distscale.GradScaler(
-        "cpu", init_scale=2.0**10, skip_grad_norm_sigma=6.0, skip_loss_sigma=6.0, spike_window=4, spike_warmup=2
+        "cpu",
+        init_scale=2.0**10,
+        skip_grad_norm_sigma=6.0,
+        skip_loss_sigma=6.0,
+        spike_window=4,
+        spike_warmup=2,
     )
     net = tiny.model()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)

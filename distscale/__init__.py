@@ -4,8 +4,14 @@
 """
 
 from distscale.config import ScalerConfig
-from distscale.diagnostics import NonFiniteGrad, OverflowReport
-from distscale.errors import InconsistentStateError, MinScaleError, ReplicationError, ScalerUsageError
+from distscale.diagnostics import FaultReport, NonFiniteGrad, OverflowReport
+from distscale.errors import (
+    FaultError,
+    InconsistentStateError,
+    MinScaleError,
+    ReplicationError,
+    ScalerUsageError,
+)
 from distscale.policy import ScaleState
 from distscale.scaler import GradScaler, OptState
 from distscale.sinks import JsonlSink, LoggingSink, MetricsLogger, MetricsSink, TensorBoardSink
@@ -15,6 +21,8 @@ from distscale.stats import ScalerStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "FaultError",
+    "FaultReport",
     "GradScaler",
     "InconsistentStateError",
     "JsonlSink",

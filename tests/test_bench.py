@@ -64,7 +64,7 @@ def test_quick_run_every_verification_passed(quick: tuple[dict, str]) -> None:
     assert all(r["status"] == "ok" and r["device_ms"] > 0 for r in results["rows"])
     assert all(step["verified"] for step in results["steps"])
     assert {(s["optimizer"], s["scaler"]) for s in results["steps"]} == {
-        (o, k) for o in ("sgd", "adamw-fused") for k in ("distscale", "torch")
+        (o, k) for o in ("sgd", "adamw-fused") for k in ("distscale", "distscale+rules", "torch")
     }
 
 

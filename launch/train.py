@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -348,6 +349,13 @@ def plant_nan(model: nn.Module) -> None:
             return
 
 
+def _address_of(name: str) -> str | None:
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return None
+
+
 def stop_on_fault(exc: FaultError, args: argparse.Namespace, rank: int, step: int, parts: tuple) -> None:
     """A suspected fault with --on-fault raise: checkpoint the (consistent: the step was skipped
     on every rank) state, say what to do, and leave with exit code 3 on every rank."""
@@ -606,9 +614,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params = b"".join(p.detach().float().cpu().numpy().tobytes() for p in model.parameters())
         local_digest = hashlib.sha256(params).hexdigest()
     skipped_here = sum(summary["skipped_by_reason"].values())  # every reason (torch: this rank's)
-    dist.all_gather_object(by_rank, (summary["scale"], skipped_here, local_digest))
+    # Where each rank ran: its host name and the address that name resolves to (on a multi-node
+    # cluster, the node's; this gather itself crossed the nodes' network).
+    where = (socket.gethostname(), _address_of(socket.gethostname()))
+    dist.all_gather_object(by_rank, (summary["scale"], skipped_here, local_digest, where))
     summary["scale_by_rank"] = [b[0] for b in by_rank]
     summary["skipped_by_rank"] = [b[1] for b in by_rank]
+    summary["host_by_rank"] = [b[3][0] for b in by_rank]
+    summary["address_by_rank"] = [b[3][1] for b in by_rank]
     if args.parallel == "ddp":
         summary["replicas_equal"] = len({b[2] for b in by_rank}) == 1
     if rank == 0:

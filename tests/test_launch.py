@@ -359,38 +359,78 @@ def test_two_nodes_in_network_namespaces(tmp_path):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+NODES = ["dsnode1", "dsnode2"]
+SLURM_STEPS = 60  # every two-node job here: the template's defaults (2 nodes x 2 tasks, FSDP2)
+
+
+def _cluster_nodes() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    return sorted(set(out.stdout.split())) if out.returncode == 0 else []
+
+
 @pytest.fixture(scope="module")
 def local_slurm():
+    """A two-node Slurm cluster on this machine (slurm/local_cluster.sh): used as is when one runs
+    (.ci/run starts it), else started here and stopped after the module."""
     if shutil.which("slurmctld") is None or os.geteuid() != 0:
         pytest.skip(
             "needs root and Debian's slurmctld/slurmd/munge (apt-get install slurmctld slurmd slurm-client munge)"
         )
-    script = REPO / "slurm" / "local_cluster.sh"
-    started = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode != 0
+    started = _cluster_nodes() != NODES
     if started:
-        subprocess.run(["bash", str(script), "start"], check=True, capture_output=True, timeout=120)
+        proc = subprocess.run(
+            ["bash", str(CLUSTER), "start", "2"], capture_output=True, text=True, timeout=180
+        )
+        assert proc.returncode == 0, f"local_cluster.sh start 2 failed:\n{proc.stdout}\n{proc.stderr}"
     yield
     if started:
-        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, timeout=60)
+
+
+def _sbatch(tmp_path: Path, ckpt_dir: Path, metrics: Path, *options: str, env: str = ""):
+    cmd = ["sbatch", "--wait", "--time=00:10:00",
+           f"--output={tmp_path / 'job-%j.out'}", f"--export=ALL,STEPS={SLURM_STEPS},CKPT_DIR={ckpt_dir}{env}",
+           *options, str(REPO / "slurm" / "train.sbatch"), "--metrics", str(metrics)]  # fmt: skip
+    proc = run(cmd, check=False, timeout=400)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stderr}\n{logs[-4000:]}"
+    return proc, logs
+
+
+@pytest.fixture(scope="module")
+def single_node_reference(tmp_path_factory):
+    """The same job (4 ranks, FSDP2, the template's arguments) on one node, with torchrun."""
+    root = tmp_path_factory.mktemp("reference")
+    metrics = root / "m.jsonl"
+    run(torchrun("--steps", str(SLURM_STEPS), "--ckpt-dir", str(root / "ckpt"), "--ckpt-every", "20",
+                 "--resume", "auto", "--no-progress", "--metrics", str(metrics), nproc=4))  # fmt: skip
+    return records(metrics)[1]
+
+
+def _check_two_nodes(summary: dict, reference: dict) -> None:
+    assert summary["world_size"] == 4
+    hosts, addresses = summary["host_by_rank"], summary["address_by_rank"]
+    # Two ranks on each node; each node its own hostname and address (its namespaces), and the
+    # summary's gather crossed between them.
+    assert sorted(hosts) == ["dsnode1", "dsnode1", "dsnode2", "dsnode2"], hosts
+    assert {h: a for h, a in zip(hosts, addresses, strict=True)} == {
+        "dsnode1": "10.77.0.11",
+        "dsnode2": "10.77.0.12",
+    }
+    assert summary["model_sha256"] == reference["model_sha256"], "two nodes differ from one node"
+    assert summary["scale"] == reference["scale"] and len(set(summary["scale_by_rank"])) == 1
 
 
 @pytest.mark.parametrize("mode", ["srun", "torchrun"])
-def test_sbatch_on_local_cluster(tmp_path, local_slurm, mode):
+def test_sbatch_on_two_nodes_with_the_templates_defaults(tmp_path, local_slurm, single_node_reference, mode):
     metrics = tmp_path / "m.jsonl"
-    nodes_tasks = (
-        ["--nodes=1", "--ntasks-per-node=2"] if mode == "srun" else ["--nodes=1", "--ntasks-per-node=1"]
-    )
-    env_vars = f"ALL,STEPS=30,LAUNCH_MODE={mode},NPROC_PER_NODE=2,CKPT_DIR={tmp_path / 'ckpt'}"
-    proc = run(
-        ["sbatch", "--wait", *nodes_tasks, "--time=00:05:00", f"--output={tmp_path / 'job-%j.out'}",
-         f"--export={env_vars}", str(REPO / "slurm" / "train.sbatch"), "--metrics", str(metrics)],
-        check=False, timeout=300,
-    )  # fmt: skip
-    logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-    assert proc.returncode == 0, f"sbatch --wait exited {proc.returncode}\n{proc.stderr}\n{logs[-4000:]}"
+    _, logs = _sbatch(tmp_path, tmp_path / "ckpt", metrics, env=f",LAUNCH_MODE={mode}")
     steps, summary = records(metrics)
-    check_run(summary, steps, 2)
+    check_run(summary, steps, 4)
     assert summary["launcher"] == ("slurm" if mode == "srun" else "torchrun")
+    assert "2 node(s) [dsnode[1-2]]" in logs, logs[-2000:]
+    _check_two_nodes(summary, single_node_reference)
     assert ckpt.complete_checkpoints(tmp_path / "ckpt"), "the job wrote no checkpoint"
 
 
@@ -410,24 +450,70 @@ def _wait_job(job_id: str, predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_sbatch_requeue_on_preemption_resumes_from_checkpoint(tmp_path, local_slurm):
-    """SIGUSR1 (what Slurm sends before preemption or the time limit) requeues the job, which resumes."""
-    metrics, ckpt_dir = tmp_path / "m.jsonl", tmp_path / "ckpt"
-    job_id = run(
-        ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--time=00:10:00",
-         f"--output={tmp_path / 'job-%j.out'}", f"--export=ALL,STEPS=150,CKPT_DIR={ckpt_dir}",
-         str(REPO / "slurm" / "train.sbatch"), "--metrics", str(metrics)],
+def _submit(tmp_path: Path, ckpt_dir: Path, metrics: Path, steps: int = SLURM_STEPS) -> str:
+    return run(
+        ["sbatch", "--parsable", "--time=00:10:00", f"--output={tmp_path / 'job-%j.out'}",
+         f"--export=ALL,STEPS={steps},CKPT_DIR={ckpt_dir}", str(REPO / "slurm" / "train.sbatch"),
+         "--metrics", str(metrics)],
     ).stdout.strip().split(";")[0]  # fmt: skip
-    _wait_job(job_id, lambda: bool(ckpt.complete_checkpoints(ckpt_dir)), 120, "no checkpoint")
-    run(["scancel", "--signal=USR1", "--batch", job_id])
+
+
+def _node_state(node: str) -> str:
+    out = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True).stdout
+    return out.strip()
+
+
+def _run_requeued(job_id: str, start_now: bool = True) -> None:
     requeued = lambda: _job_field(job_id, "Restarts") == "1" and _job_field(job_id, "JobState") == "PENDING"  # noqa: E731
-    _wait_job(job_id, requeued, 60, "not requeued")
-    # Slurm holds a requeued job for ~2 minutes; let it start now.
-    run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-    _wait_job(job_id, lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED"), 240, "not finished")
+    _wait_job(job_id, requeued, 90, "not requeued")
+    if start_now:  # Slurm holds a requeued job for cred_expire (30 s here); no need after a preemption
+        run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    _wait_job(job_id, lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED"), 300, "not finished")
     assert _job_field(job_id, "JobState") == "COMPLETED"
+
+
+@pytest.mark.timeout(600)
+def test_lost_node_requeues_and_resumes_bitwise(tmp_path, local_slurm, single_node_reference):
+    """A node dies mid-run (its slurmd and every process on it, SIGKILL): Slurm marks it down and
+    requeues the job; with the node back, the job resumes from the last complete checkpoint on the
+    shared directory and ends as the uninterrupted run does."""
+    metrics, ckpt_dir = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    job_id = _submit(tmp_path, ckpt_dir, metrics)
+    _wait_job(job_id, lambda: bool(ckpt.complete_checkpoints(ckpt_dir)), 180, "no checkpoint")
+    killed = run(["bash", str(CLUSTER), "kill-node", "dsnode2"]).stdout
+    assert "killed" in killed and not killed.startswith("killed 0 "), killed
+    # Slurm finds the node silent (SlurmdTimeout), marks it down and requeues the job.
+    _wait_job(job_id, lambda: _node_state("dsnode2").startswith("down"), 90, "dsnode2 not marked down")
+    _wait_job(
+        job_id, lambda: _job_field(job_id, "Restarts") == "1", 30, "not requeued after the node failure"
+    )
+    _wait_job(
+        job_id, lambda: _job_field(job_id, "JobState") == "PENDING", 60, "the failed run not cleaned up"
+    )
+    # Slurm holds the requeued job (cred_expire, 30 s here), then it waits for two nodes. The machine
+    # comes back while it waits: its slurmd registers, the node returns to service, the job starts.
+    # (Seen here with Slurm 22.05: a node revived right after the failure and a job started at the
+    # end of its hold had the new run's tasks on that node terminated seconds after they started.)
+    _wait_job(job_id, lambda: _job_field(job_id, "Reason") != "BeginTime", 90, "still held")
+    run(["bash", str(CLUSTER), "revive-node", "dsnode2"])
+    _wait_job(job_id, lambda: _node_state("dsnode2") == "idle", 60, "dsnode2 not back in service")
+    _run_requeued(job_id, start_now=False)
+    steps, summary = records(metrics)
+    assert summary["resumed_from"] >= 20 and steps[-1]["step"] == SLURM_STEPS - 1
+    _check_two_nodes(summary, single_node_reference)
+    assert summary["final_loss"] == single_node_reference["final_loss"]
+
+
+def test_sbatch_requeue_on_preemption_resumes_from_checkpoint(tmp_path, local_slurm):
+    """SIGUSR1 (what Slurm sends before preemption or the time limit) requeues the two-node job,
+    which resumes."""
+    metrics, ckpt_dir = tmp_path / "m.jsonl", tmp_path / "ckpt"
+    job_id = _submit(tmp_path, ckpt_dir, metrics, steps=150)
+    _wait_job(job_id, lambda: bool(ckpt.complete_checkpoints(ckpt_dir)), 180, "no checkpoint")
+    run(["scancel", "--signal=USR1", "--batch", job_id])
+    _run_requeued(job_id)
     logs = "\n".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert "requeueing job" in logs and "resumed from" in logs, logs[-3000:]
     steps, summary = records(metrics)
     assert summary["resumed_from"] >= 20 and steps[-1]["step"] == 149
-    assert len(set(summary["scale_by_rank"])) == 1
+    assert len(set(summary["scale_by_rank"])) == 1 and sorted(set(summary["host_by_rank"])) == NODES

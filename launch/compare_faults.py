@@ -19,7 +19,6 @@ rank 1 sees it. Arguments after ``--`` go to every ``launch/train.py`` run.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from compare_policies import markdown, publish, read_run, split_extra  # noqa: E402  (launch/ is not a package)
+
 COLUMNS = (
     "run", "steps skipped (rank 0 / 1)", "overflow", "norm spike", "loss spike", "fault", "fault named",
     "scale (rank 0 / 1)", "replicas equal", "final loss", "vs clean",
@@ -62,8 +65,7 @@ def run_one(name: str, flags: list[str], args: argparse.Namespace, workdir: Path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *job]
     print(f"running {name} ...", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return next(line for line in reversed(lines) if line.get("summary"))
+    return read_run(metrics)[1]
 
 
 def row(name: str, summary: dict[str, Any], clean_loss: float) -> dict[str, Any]:
@@ -85,11 +87,7 @@ def row(name: str, summary: dict[str, Any], clean_loss: float) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    argv = sys.argv[1:] if argv is None else argv
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_extra(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--corrupt-step", type=int, default=100)
@@ -105,17 +103,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     summaries = {name: run_one(name, flags, args, workdir, extra) for name, flags in runs(args).items()}
     clean = summaries["clean"]["final_loss"]
     rows = [row(name, s, clean) for name, s in summaries.items()]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    text = "\n".join(lines)
+    text = markdown(COLUMNS, rows)
     span = f"for {args.nan_steps} steps" if args.nan_steps else "to the end"
     print(
         f"\n{args.steps} steps, 2 ranks (DDP); rank 1: noise targets at step {args.corrupt_step}, NaN "
         f"gradients from step {args.nan_from} {span}; metrics in {workdir}\n\n{text}"
     )
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
     return rows
 
 

@@ -39,11 +39,36 @@ def command(policy: str, nproc: int, steps: int, metrics: Path, extra: list[str]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *job]
 
 
-def summarize(policy: str, metrics: Path) -> dict[str, Any]:
-    """One table row from a run's JSON lines (the per-step records, then the summary)."""
+def read_run(metrics: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A run's per-step records and its (last) summary, from its JSON lines."""
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     summary = next(line for line in reversed(lines) if line.get("summary"))
-    steps = [line for line in lines if not line.get("summary")]
+    return [line for line in lines if not line.get("summary")], summary
+
+
+def markdown(columns: tuple[str, ...], rows: list[dict[str, Any]], cell: Any = lambda _c, v: str(v)) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after ``--`` for every launch/train.py run)."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def publish(text: str, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
+def summarize(policy: str, metrics: Path) -> dict[str, Any]:
+    """One table row from a run's JSON lines (the per-step records, then the summary)."""
+    steps, summary = read_run(metrics)
     scales = [s["scale"] for s in steps]
     # The underflow monitor's readings (every --underflow-every steps): the mean fraction of
     # gradient elements the scale left at or below fp16's smallest subnormal.
@@ -77,17 +102,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             return f"{value:.4f}" if abs(value) < 100 else f"{value:g}"
         return str(value)
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(c, row[c]) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown(COLUMNS, rows, cell)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    argv = sys.argv[1:] if argv is None else argv
-    extra: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
+    argv, extra = split_extra(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--steps", type=int, default=200)
@@ -108,9 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(summarize(policy, metrics))
     text = table(rows)
     print(f"\n{args.steps} steps, {args.nproc} rank(s), metrics in {workdir}\n\n{text}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish(text, args.out)
     return rows
 
 

@@ -54,9 +54,11 @@ ClusterName=distscale-local
 SlurmctldHost=${host}(${subnet}.1)
 SlurmUser=root
 AuthType=auth/munge
-# Job credentials live 30 s (default 120): also how long a requeued job waits before it starts
-# again, so that stale kill requests for its last run reach a revived node first.
-AuthInfo=cred_expire=30
+# Job credentials live 90 s (default 120): also how long a requeued job waits before it starts
+# again. The wait lets slurmctld's retried kill requests for the failed run reach a revived node
+# first: they carry the same job and step ids, and here, with 30 s, they arrived ~50 s after the
+# failure and killed the new run's tasks.
+AuthInfo=cred_expire=90
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

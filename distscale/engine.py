@@ -50,11 +50,11 @@ def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
-def _combined_norm(norms: list[torch.Tensor]) -> torch.Tensor | None:
-    # The step's norm over every optimizer's (their 2-norm: exact for 2-norms).
+def _combined_norm(norms: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor | None:
+    # The norm over several optimizers' norms of one type (exact: the p-norm of p-norms).
     if not norms:
         return None
-    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms).float(), 2.0)
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms).float(), norm_type)
 
 
 @dataclass(eq=False)
@@ -323,10 +323,8 @@ class StepEngine:
         records = [r for r in self._step.records.values() if r.checked]
         flags = torch.stack([rec.found_inf for rec in records])  # type: ignore[misc]
         norms = [(rec.total_norm, rec.norm_type) for rec in records if rec.clipped]
-        grad_norm = None
-        if norms:  # several clipped optimizers: the norm over all of them (same norm_type)
-            values = torch.stack([n for n, _ in norms]).float()  # type: ignore[misc]
-            grad_norm = values[0] if len(norms) == 1 else torch.linalg.vector_norm(values, norms[0][1])
+        # Several clipped optimizers: the norm over all of them (same norm_type).
+        grad_norm = _combined_norm([n for n, _ in norms], norms[0][1]) if norms else None  # type: ignore[misc,arg-type]
         counts = [rec.underflow_reduced for rec in records if rec.underflow_reduced is not None]
         under = underflow.fractions(torch.stack(counts).sum(0)) if counts else None
         maxima = [rec.amax for rec in records if rec.amax is not None]
@@ -513,7 +511,7 @@ class StepEngine:
         if deciding:
             step.decision_flags = flags
         self._verify_layout(owned, flags if world > 1 else None, len(pending))  # type: ignore[arg-type]
-        for rec, counts in zip(counted, reduced.sums, strict=False):
+        for rec, counts in zip(counted, reduced.sums[: len(counted)], strict=True):  # then the rules' inputs
             rec.underflow_reduced = counts
         for rec, norm in zip(normed, reduced.norms[: len(normed)], strict=True):
             rec.total_norm = norm

@@ -5,6 +5,12 @@ them by (device, dtype) with each group's kernel backend resolved once, and reme
 it saw and their version counters, so the step engine can tell whether the gradients changed
 (another backward, ``zero_grad``) since they were checked.
 
+The lean per-step path: when an optimizer's grads are, object for object, the live tensors of its
+previous step (DDP's bucket views, a flat buffer, ``zero_grad(set_to_none=False)``) at the same
+addresses, the grouping, the kernel backend and the span plan of that step are reused. That check
+reads each ``param.grad``, compares it with a weak reference (nothing is kept alive) and reads its
+data pointer: three C-level passes, no per-gradient Python.
+
 With the "triton" backend on every group, a check that is told the norm type takes the local norm
 in the same pass (see :func:`distscale.kernels.check_`) and ``local_norm`` returns it while the
 grads are unchanged; the other backends keep their separate norm pass, bit for bit.
@@ -15,12 +21,14 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from distscale import kernels
+from distscale.kernels import spans
 from distscale.layout import REPLICATE_DIMS_KEY, Layout
 from distscale.sharding import COUNTED, Classification, LocalGrad, classify, local_grads
 
@@ -43,6 +51,11 @@ class _Group(NamedTuple):
     indices: Sequence[int]  # positions in the GradSet's lists
     tensors: list[torch.Tensor]
     backend: kernels.Backend
+    span_plan: spans.SpanPlan | None  # how ``tensors`` coalesce for elementwise work
+
+    def coalesced(self) -> list[torch.Tensor]:
+        """``tensors`` with each contiguous run as one view (see :mod:`distscale.kernels.spans`)."""
+        return spans.apply(self.tensors, self.span_plan)
 
 
 def _counted_numel(t: torch.Tensor, nt: torch.Tensor | None) -> int | None:
@@ -61,6 +74,9 @@ def _counted_numel(t: torch.Tensor, nt: torch.Tensor | None) -> int | None:
 _TYPE_OF, _LAYOUT_OF = type, operator.attrgetter("layout")
 _DEVICE_OF, _DTYPE_OF = operator.attrgetter("device"), operator.attrgetter("dtype")
 _VERSION_OF = operator.attrgetter("_version")
+_GRAD_OF = operator.attrgetter("grad")
+_LOCAL_OF = operator.attrgetter("_local_tensor")  # a DTensor's shard on this rank
+_DATA_PTR_OF = torch.Tensor.data_ptr
 _PLAIN_TYPES, _STRIDED = {torch.Tensor}, {torch.strided}
 
 
@@ -102,37 +118,127 @@ class _SingleProcess:
     global_rank = 0
 
 
+def _local_or_none(grad: torch.Tensor) -> torch.Tensor | None:
+    return getattr(grad, "_local_tensor", None)
+
+
+def _no_grad() -> None:
+    return None  # stands for a weak reference where a parameter had no grad
+
+
+_Lists = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor | None]]
+
+
+class _LastGrads(NamedTuple):
+    """What the last lean step of an optimizer saw, without keeping a tensor alive: a weak reference
+    to each ``param.grad`` (flat parameter order), whether the local tensors are those grads or
+    their DTensor shards (``local``), which of them count toward the norm (``counted``: all, none,
+    or one flag each), the local tensors' data pointers, and their one (device, dtype) group with
+    its backend and span plan. ``died`` becomes ``[True]`` when one of those grads is freed (a
+    dead reference reads None, which must not match a grad now None)."""
+
+    refs: list[Callable[[], torch.Tensor | None]]
+    died: list[bool]
+    local: bool
+    counted: bool | tuple[bool, ...]
+    data_ptrs: tuple[int, ...]
+    has_none: bool
+    key: GroupKey
+    backend: kernels.Backend
+    span_plan: spans.SpanPlan | None
+
+    @staticmethod
+    def watch(raw: list[torch.Tensor | None]) -> tuple[list[Callable[[], torch.Tensor | None]], list[bool]]:
+        """Weak references to ``raw`` that set the returned flag when one of them dies."""
+        died = [False]
+
+        def on_death(_: object) -> None:
+            died[0] = True
+
+        return [_no_grad if g is None else weakref.ref(g, on_death) for g in raw], died
+
+    def holds(self, raw: list[torch.Tensor | None]) -> _Lists | None:
+        """(local tensors, sources, norm tensors) as GradSet keeps them, if ``raw`` (every
+        ``param.grad``) are the same live objects as then and their local tensors sit at the same
+        addresses; else None. A DTensor's shard is read again (``_local_tensor``), not assumed.
+        Same object and address leave the sizes and strides as they were unless changed in place
+        (``resize_``, ``as_strided_``, ``set_`` onto the same memory), which no framework does to a
+        gradient."""
+        if self.died[0] or len(raw) != len(self.refs):
+            return None
+        if not all(map(operator.is_, raw, [ref() for ref in self.refs])):
+            return None
+        # Same objects as then: no None where there was a grad.
+        sources: list[torch.Tensor] = [g for g in raw if g is not None] if self.has_none else raw  # type: ignore[assignment]
+        tensors = list(map(_LOCAL_OF, sources)) if self.local else sources
+        if tuple(map(_DATA_PTR_OF, tensors)) != self.data_ptrs:
+            return None
+        counted = self.counted
+        if counted is True:
+            norms: list[torch.Tensor | None] = tensors  # type: ignore[assignment]
+        elif counted is False:
+            norms = [None] * len(tensors)
+        else:
+            norms = [t if c else None for t, c in zip(tensors, counted, strict=True)]
+        return tensors, sources, norms
+
+
+class _Entry:
+    """One optimizer's cached classification, and what its last lean step saw."""
+
+    __slots__ = ("classification", "first_grad", "key", "last_grads", "params")
+
+    def __init__(self, params: list[list[torch.Tensor]], key: tuple[Any, ...], found: Classification) -> None:
+        self.params = params  # per param group, a copy of its list
+        self.key = key
+        self.classification = found
+        self.last_grads: _LastGrads | None = None
+        # The first grad of the last full build, weakly: a memo is built only when it is seen again
+        # (fresh grads every step would pay for weak references they never use).
+        self.first_grad: Callable[[], torch.Tensor | None] = _no_grad
+
+
 class ClassificationCache:
     """Per optimizer, the classification of its parameters (see :func:`~distscale.sharding.classify`),
-    reused while its parameter list holds the same objects and the layout has not changed:
+    reused while its parameter lists hold the same objects and the layout has not changed:
     classifying costs attribute lookups per parameter that would otherwise repeat every step.
 
-    Gradients themselves are never cached across steps: holding the last step's tensors would keep
-    them alive after ``zero_grad(set_to_none=True)``, a whole extra set of gradients in memory.
+    Gradients themselves are only weakly referenced across steps: holding the last step's tensors
+    would keep them alive after ``zero_grad(set_to_none=True)``, a whole extra set of gradients.
     """
 
     def __init__(self, layout: Layout | None = None, group: GroupRanks | None = None) -> None:
         self.layout = Layout() if layout is None else layout
         self.group: GroupRanks = _SingleProcess() if group is None else group
-        self._entries: weakref.WeakKeyDictionary[
-            torch.optim.Optimizer, tuple[list[torch.Tensor], tuple[Any, ...], Classification]
-        ]
+        self._entries: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Entry]
         self._entries = weakref.WeakKeyDictionary()
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
         return (ClassificationCache, ())  # a cache: pickles empty (weak references do not pickle)
 
-    def classification(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> Classification:
+    def entry(self, optimizer: torch.optim.Optimizer) -> _Entry:
+        """The optimizer's entry, classified anew when its parameter lists or declarations changed."""
         key = (self.layout.version, *(g.get(REPLICATE_DIMS_KEY) for g in optimizer.param_groups))
+        params = [g["params"] for g in optimizer.param_groups]
         entry = self._entries.get(optimizer)
-        if entry is not None:
-            old, old_key, found = entry
-            if old_key == key and len(old) == len(params) and all(map(operator.is_, old, params)):
-                return found
+        if (
+            entry is not None
+            and entry.key == key
+            and len(entry.params) == len(params)
+            and all(
+                len(old) == len(new) and all(map(operator.is_, old, new))
+                for old, new in zip(entry.params, params, strict=True)
+            )
+        ):
+            return entry
         group = frozenset(self.group.global_ranks)
         found = classify(optimizer.param_groups, self.layout, group, self.group.global_rank)
-        self._entries[optimizer] = (params, key, found)
-        return found
+        entry = _Entry([list(ps) for ps in params], key, found)
+        self._entries[optimizer] = entry
+        return entry
+
+    def classification(self, optimizer: torch.optim.Optimizer) -> Classification:
+        return self.entry(optimizer).classification
 
 
 class GradSet:
@@ -157,21 +263,30 @@ class GradSet:
         *,
         track_changes: bool = True,
     ) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        found = (ClassificationCache() if cache is None else cache).classification(optimizer, params)
-        self.classification = found
+        entry = (ClassificationCache() if cache is None else cache).entry(optimizer)
+        found = self.classification = entry.classification
         self.param_groups = optimizer.param_groups  # to name unresolved parameters
         self.kernel = kernel
         self.tracking = track_changes
-        present = [g for g in [p.grad for p in params] if g is not None]
-        if found.uniform is not None and _all_plain(present):
-            self.tensors = self.sources = present
-            self.norm_tensors: list[torch.Tensor | None] = (
-                present if found.uniform == COUNTED else [None] * len(present)
-            )
-        else:
-            self.tensors, self.sources, self.norm_tensors = local_grads(params, found.kinds)
         self._groups: dict[GroupKey, _Group] | None = None
+        raw = list(map(_GRAD_OF, chain.from_iterable(entry.params)))
+        last = entry.last_grads
+        held = None if last is None else last.holds(raw)
+        self.lean = held is not None  # whether last step's layout held
+        self.norm_tensors: list[torch.Tensor | None]
+        if last is not None and held is not None:
+            self.tensors, self.sources, self.norm_tensors = held
+            ts = self.tensors
+            self._groups = {last.key: _Group(range(len(ts)), ts, last.backend, last.span_plan)}
+        else:
+            present = [g for g in raw if g is not None]
+            if found.uniform is not None and _all_plain(present):
+                self.tensors = self.sources = present
+                self.norm_tensors = present if found.uniform == COUNTED else [None] * len(present)
+            else:
+                params = [p for ps in entry.params for p in ps]
+                self.tensors, self.sources, self.norm_tensors = local_grads(params, found.kinds)
+            self._remember(entry, raw)
         self._versions: list[int] | None = self._snapshot() if track_changes else None
         # (norm_type, local norm of the current values) from a fused check; None when stale.
         self._fused_norm: tuple[float, torch.Tensor] | None = None
@@ -201,24 +316,69 @@ class GradSet:
         if self.tracking:
             self.refresh_versions()
 
+    def _remember(self, entry: _Entry, raw: list[torch.Tensor | None]) -> None:
+        """Keep what the lean path needs next step, when the grads look persistent (the first one
+        is the object seen first last time) and fit it: one (device, dtype) group, local tensors
+        that are the grads themselves or all their DTensor shards, counted whole or not at all."""
+        entry.last_grads = None
+        tensors, sources, norms = self.tensors, self.sources, self.norm_tensors
+        first = sources[0] if sources else None
+        persistent = first is not None and entry.first_grad() is first
+        entry.first_grad = _no_grad if first is None else weakref.ref(first)
+        if not persistent or len(self.groups()) != 1:
+            return
+        if tensors is sources or all(map(operator.is_, tensors, sources)):
+            local = False
+        elif _all_plain(tensors) and all(map(operator.is_, tensors, map(_local_or_none, sources))):
+            local = True
+        else:
+            return  # special grads (sparse, FSDP1 flat parameters, views of them): rebuilt each step
+        counted: bool | tuple[bool, ...]
+        if norms is tensors or all(map(operator.is_, norms, tensors)):
+            counted = True
+        elif all(n is None for n in norms):
+            counted = False
+        elif all(n is None or n is t for n, t in zip(norms, tensors, strict=True)):
+            counted = tuple(n is not None for n in norms)
+        else:
+            return  # a counted part of a tensor
+        ((key, group),) = self.groups().items()
+        entry.last_grads = _LastGrads(
+            *_LastGrads.watch(raw),
+            local,
+            counted,
+            tuple(map(_DATA_PTR_OF, tensors)),
+            len(sources) != len(raw),
+            key,
+            group.backend,
+            group.span_plan,
+        )
+
     def groups(self) -> dict[GroupKey, _Group]:
-        """The grads by (device, dtype) with their backends, computed once: a GradSet's tensors
-        never change. One group (the common case) costs two C-level passes."""
+        """The grads by (device, dtype) with their backends and span plans, computed once: a
+        GradSet's tensors never change. One group (the common case) costs two C-level passes."""
         if self._groups is None:
             ts = self.tensors
             devices, dtypes = set(map(_DEVICE_OF, ts)), set(map(_DTYPE_OF, ts))
             if len(devices) == 1 and len(dtypes) == 1:
                 key = (next(iter(devices)), next(iter(dtypes)))
-                self._groups = {key: _Group(range(len(ts)), ts, kernels.backend(self.kernel, *key))}
+                backend = kernels.backend(self.kernel, *key)
+                self._groups = {key: _Group(range(len(ts)), ts, backend, self._span_plan(ts, backend))}
             else:
                 by_key: dict[GroupKey, list[int]] = defaultdict(list)
                 for i, t in enumerate(ts):
                     by_key[(t.device, t.dtype)].append(i)
-                self._groups = {
-                    key: _Group(indices, [ts[i] for i in indices], kernels.backend(self.kernel, *key))
-                    for key, indices in by_key.items()
-                }
+                self._groups = {}
+                for key, indices in by_key.items():
+                    tensors = [ts[i] for i in indices]
+                    backend = kernels.backend(self.kernel, *key)
+                    self._groups[key] = _Group(indices, tensors, backend, self._span_plan(tensors, backend))
         return self._groups
+
+    @staticmethod
+    def _span_plan(tensors: list[torch.Tensor], backend: kernels.Backend) -> spans.SpanPlan | None:
+        # The Triton table merges spans itself, from raw addresses.
+        return None if backend == "triton" else spans.plan(tensors)
 
     def _same_objects(self, optimizer: torch.optim.Optimizer) -> bool:
         current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -276,6 +436,7 @@ class GradSet:
                     backend=group.backend,
                     norm_numels=counts[(device, dtype)] if fuse else None,  # type: ignore[arg-type]
                     amax_out=None if amax is None else amax.get(device),
+                    coalesced=None if group.backend == "triton" else group.coalesced(),
                 )
                 if norm is not None:
                     group_norms.append(norm.to(found_inf.device))
@@ -307,7 +468,13 @@ class GradSet:
             inv = _PerDevice(inv_scale)
             for (device, _), group in self.groups().items():
                 scratch = torch.zeros((), dtype=torch.float32, device=device)
-                kernels.check_(group.tensors, scratch, inv.get(device), backend=group.backend)
+                kernels.check_(
+                    group.tensors,
+                    scratch,
+                    inv.get(device),
+                    backend=group.backend,
+                    coalesced=None if group.backend == "triton" else group.coalesced(),
+                )
         self._wrote()
 
     def local_norm(
@@ -348,5 +515,5 @@ class GradSet:
         with torch.no_grad():
             for (device, _), group in self.groups().items():
                 # Elementwise: once per contiguous span, bitwise the per-tensor product.
-                torch._foreach_mul_(kernels.coalesce(group.tensors), factor.to(device))
+                torch._foreach_mul_(group.coalesced(), factor.to(device))
         self._wrote()

@@ -117,10 +117,11 @@ def forward_backward(
     dp_index: int,
     step: int,
     plants: dict,
+    set_to_none: bool = True,
 ) -> None:
     """One fp16 forward/backward on this rank's batch, then plant inf/NaN if this rank is due."""
     x, y = batch(dp_index, step)
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=set_to_none)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = nn.functional.mse_loss(model(x).float(), y)
     scaler.scale(loss).backward()
@@ -169,18 +170,29 @@ def train(
     steps: int = 7,
     plants: dict[int, tuple[int, float]] | None = None,
     scaler_kwargs: dict[str, Any] | None = None,
+    persistent_grads: bool = False,
 ) -> dict[str, Any]:
-    """Train ``steps`` steps; return per-step records (or the error a scaler raised)."""
+    """Train ``steps`` steps; return per-step records (or the error a scaler raised).
+
+    ``persistent_grads``: ``zero_grad(set_to_none=False)``, so the grad tensors stay the same
+    objects; "lean" records per step whether distscale reused the last step's layout for them."""
     plants = PLANTS_2 if plants is None else plants
     model, dp_index, _ = build(setup, rank, world)
     opt = make_optimizer(optimizer, model)
     scaler = make_scaler(scaler_kind, **(scaler_kwargs or {}))
     if scaler_kind == "distscale":
         scaler.register_model(model)  # DDP's and FSDP1's process groups, for the clip norm
-    out: dict[str, Any] = {"scales": [], "stepped": [], "collectives": [], "host_reads": [], "error": None}
+    out: dict[str, Any] = {
+        "scales": [],
+        "stepped": [],
+        "collectives": [],
+        "host_reads": [],
+        "lean": [],
+        "error": None,
+    }
     try:
         for step in range(steps):
-            forward_backward(model, scaler, opt, rank, dp_index, step, plants)
+            forward_backward(model, scaler, opt, rank, dp_index, step, plants, not persistent_grads)
             before = local_snapshot(model)
             with count_collectives() as colls, count_host_syncs() as reads:
                 if clip:
@@ -191,6 +203,8 @@ def train(
                         clip_peer(model, 1.0)
                 elif explicit_unscale:
                     scaler.unscale_(opt)
+                if scaler_kind == "distscale" and (clip or explicit_unscale):
+                    out["lean"].append(scaler._engine.record(opt).grads.lean)
                 scaler.step(opt)
                 scaler.update()
             after = local_snapshot(model)
@@ -222,6 +236,7 @@ VARIANTS = [
     {"optimizer": "adamw_fused"},
     {"optimizer": "adamw_fused", "explicit_unscale": True},
     {"optimizer": "adamw_fused", "clip": True},
+    {"optimizer": "sgd", "clip": True, "persistent_grads": True},
 ]
 
 

@@ -42,7 +42,7 @@ def test_classification_follows_parameter_list_and_declarations() -> None:
     param = nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([param], lr=0.1)
     cache = ClassificationCache(group=_group((0, 1), 0))
-    first = cache.classification(opt, [param])
-    assert cache.classification(opt, [param]) is first  # cached
+    first = cache.classification(opt)
+    assert cache.classification(opt) is first  # cached
     opt.param_groups[0]["replicate_dims"] = ()  # a new declaration is a new classification
-    assert cache.classification(opt, [param]) is not first
+    assert cache.classification(opt) is not first

@@ -136,11 +136,13 @@ def check_(
     backend: Backend,
     norm_numels: list[int] | None = None,
     amax_out: torch.Tensor | None = None,
+    coalesced: list[torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """Check (and unscale) one (device, dtype) group on ``backend``; return the norm of its values
     as read when ``norm_type`` is given; raise ``amax_out`` (0-dim float32 on the grads' device)
     to their largest |value| as read (every element; NaN if one is NaN). Semantics in the module
-    docstring. No host sync."""
+    docstring. ``coalesced``: ``spans.coalesce(grads)`` when the caller has it already (the
+    torch and reference backends check those views). No host sync."""
     if norm_type is not None:
         norm_type = float(norm_type)
     if norm_numels is not None and len(norm_numels) != len(grads):
@@ -171,5 +173,6 @@ def check_(
         _triton_ops().fused_check_(grads, found_inf, inv_scale, None, amax_out=amax_out)
     else:  # elementwise: once per contiguous span (the Triton table merges spans itself)
         impl = reference if backend == "reference" else torch_ops
-        impl.check_and_unscale_(spans.coalesce(grads), found_inf, inv_scale)
+        elementwise = spans.coalesce(grads) if coalesced is None else coalesced
+        impl.check_and_unscale_(elementwise, found_inf, inv_scale)
     return total

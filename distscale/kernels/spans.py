@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["coalesce", "merge_spans"]
+__all__ = ["SpanPlan", "apply", "coalesce", "merge_spans", "plan"]
 
 _OFFSET_OF = torch.Tensor.storage_offset
 _DATA_PTR_OF = torch.Tensor.data_ptr
@@ -53,16 +53,18 @@ def merge_spans(sources: list[tuple[int, int, int]], elsize: int) -> list[tuple[
 
 
 @dataclass(frozen=True, slots=True)
-class _Plan:
+class SpanPlan:
+    """Which tensors of a list merge into which runs (positions and element counts, no tensors)."""
+
     kept: tuple[int, ...]  # tensors used as they are
     runs: tuple[tuple[int, int], ...]  # (index of the run's first tensor, elements in the run)
     dense: tuple[int, ...]  # the tensors the runs cover: they must still be contiguous
 
 
-_cache: OrderedDict[tuple, _Plan] = OrderedDict()
+_cache: OrderedDict[tuple, SpanPlan] = OrderedDict()
 
 
-def _build(tensors: list[torch.Tensor]) -> _Plan:
+def _build(tensors: list[torch.Tensor]) -> SpanPlan:
     by_storage: dict[int, list[tuple[int, int, int]]] = {}
     kept: list[int] = []
     dense: list[int] = []
@@ -97,7 +99,7 @@ def _build(tensors: list[torch.Tensor]) -> _Plan:
                 start, count, first = offset, numel, i
                 members_of[first] = [first]
         close(first, count)
-    return _Plan(tuple(sorted(kept)), tuple(runs), tuple(sorted(dense)))
+    return SpanPlan(tuple(sorted(kept)), tuple(runs), tuple(sorted(dense)))
 
 
 def _pick(
@@ -108,26 +110,40 @@ def _pick(
     return operator.itemgetter(*indices)(tensors) if len(indices) > 1 else tuple(tensors[i] for i in indices)
 
 
-def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` (one device and dtype) with each run of contiguous tensors that tile one storage
-    back to back replaced by one 1-D view over the run. Elementwise work on the result touches
-    exactly the elements of ``tensors``. No host sync."""
+def plan(tensors: list[torch.Tensor]) -> SpanPlan | None:
+    """How ``tensors`` (one device and dtype) coalesce, checked against the tensors as they are now
+    (addresses, sizes, contiguity); None when no two can merge. No host sync."""
     if len(tensors) < 2 or not any(map(_OFFSET_OF, tensors)):
-        return tensors  # every tensor starts its storage: no two can sit back to back in one
+        return None  # every tensor starts its storage: no two can sit back to back in one
     key = (tuple(map(_DATA_PTR_OF, tensors)), tuple(map(_NUMEL_OF, tensors)))
-    plan = _cache.get(key)
+    found = _cache.get(key)
     # The same addresses and sizes: the plan holds if the tensors its runs cover are still dense.
-    if plan is None or not all(map(_IS_CONTIGUOUS, _pick(tensors, plan.dense))):
-        plan = _build(tensors)
-        _cache[key] = plan
+    if found is None or not all(map(_IS_CONTIGUOUS, _pick(tensors, found.dense))):
+        found = _build(tensors)
+        _cache[key] = found
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     _cache.move_to_end(key)
-    out = [tensors[i] for i in plan.kept]
-    for first, count in plan.runs:
+    return found if found.runs else None
+
+
+def apply(tensors: list[torch.Tensor], span_plan: SpanPlan | None) -> list[torch.Tensor]:
+    """``tensors`` coalesced by ``span_plan`` (from :func:`plan` on tensors with the same addresses,
+    sizes and contiguity; None: as they are). No host sync, no copy."""
+    if span_plan is None:
+        return tensors
+    out = [tensors[i] for i in span_plan.kept]
+    for first, count in span_plan.runs:
         base = tensors[first]
         offset = base.storage_offset()
         if (offset + count) * base.element_size() > base.untyped_storage().nbytes():
             return list(tensors)  # the run spans another storage now: per tensor
         out.append(base.as_strided((count,), (1,), offset))
     return out
+
+
+def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` (one device and dtype) with each run of contiguous tensors that tile one storage
+    back to back replaced by one 1-D view over the run. Elementwise work on the result touches
+    exactly the elements of ``tensors``. No host sync."""
+    return apply(tensors, plan(tensors))

@@ -521,6 +521,12 @@ class StepEngine:
         for index, (rec, flag) in enumerate(zip(pending, reduced.flags, strict=False)):
             rec.found_inf, rec.reduced_flags, rec.flag_index = flag, flags, index
             rec.skip = flag if rule_skip is None else torch.maximum(flag, rule_skip.to(flag.device).float())
+        for rec in normed:
+            # Counted once, a copy that overflowed on another rank is not in the norm: a skipped
+            # step's norm is inf on every rank (NaN stays NaN), as torch's is where it overflows.
+            assert rec.found_inf is not None and rec.total_norm is not None
+            overflowed = (rec.found_inf > 0) & torch.isfinite(rec.total_norm)
+            rec.total_norm = torch.where(overflowed, math.inf, rec.total_norm)
         if reduced.slots is not None:
             consistency.verify(reduced.slots)
         if self.overflow_diagnostics:

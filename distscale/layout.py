@@ -173,8 +173,15 @@ class Layout:
         except ValueError as exc:
             return str(exc)
 
-    def register_model(self, model: torch.nn.Module, group_ranks: Iterable[int]) -> int:
-        """Record what DDP and FSDP1 wrappers inside ``model`` tell about their parameters.
+    def register_model(
+        self,
+        model: torch.nn.Module,
+        group_ranks: Iterable[int],
+        replicated_over: dist.ProcessGroup | None = None,
+    ) -> int:
+        """Record what DDP and FSDP1 wrappers inside ``model`` tell about their parameters; with
+        ``replicated_over``, first every parameter of ``model`` as a copy over that group (what a
+        DDP wrapper that a framework holds, out of reach, would tell).
 
         Returns how many parameters were registered. Local only (reads process-group ranks).
         """
@@ -183,6 +190,9 @@ class Layout:
 
         group = frozenset(group_ranks)
         found: dict[int, tuple[torch.Tensor, Owners, bool]] = {}
+        if replicated_over is not None:
+            owners = _group_owners(replicated_over)
+            found.update((id(p), (p, owners, False)) for p in model.parameters())
         # Outer wrappers first, so an inner FSDP1 unit's own groups win for its parameters.
         for module in model.modules():
             if isinstance(module, DDP):

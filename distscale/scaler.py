@@ -645,16 +645,24 @@ class GradScaler:
         pairs = named.named_parameters() if isinstance(named, torch.nn.Module) else named
         self._engine.parameter_names = {id(p): name for name, p in pairs}
 
-    def register_model(self, model: torch.nn.Module) -> None:
+    def register_model(
+        self, model: torch.nn.Module, *, replicated_over: torch.distributed.ProcessGroup | None = None
+    ) -> None:
         """Learn ``model``'s parameter names (``set_parameter_names``) and what its DDP and FSDP1
         wrappers tell about which ranks hold copies of which parameters (their process groups,
         which their tensors do not carry), for ``clip_grad_norm_`` (see :mod:`distscale.layout`).
+
+        ``replicated_over``: a process group over which every parameter of ``model`` is a copy,
+        for a model whose DDP wrapper you cannot pass (a framework keeps it); wrappers inside
+        ``model`` still win for their parameters.
 
         Call it on every rank after wrapping, before the first step. Local only: no collective,
         no host sync. Raises ValueError if a wrapper spans ranks outside the scaler's group.
         """
         self.set_parameter_names(model)
-        self._engine.classifications.layout.register_model(model, self._reducer.global_ranks)
+        self._engine.classifications.layout.register_model(
+            model, self._reducer.global_ranks, replicated_over=replicated_over
+        )
 
     # ------------------------------------------------------------------ persistence
 

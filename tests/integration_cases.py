@@ -31,7 +31,8 @@ def _batch(rank: int, step: int) -> torch.Tensor:
 
 def job_accelerate(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
     """accelerate's DDP loop with distscale installed before and after prepare(), plain and fused
-    AdamW; then save_state and load_state into a fresh accelerator."""
+    AdamW, clipping with accelerator.clip_grad_norm_; then save_state and load_state into a fresh
+    accelerator."""
     _framework_env(rank, world)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -61,6 +62,7 @@ def job_accelerate(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
                 accelerator.backward(output.float().pow(2).mean())
                 if step == PLANT_STEP and rank == PLANT_RANK:
                     next(model.parameters()).grad.view(-1)[0] = INF
+                norm = accelerator.clip_grad_norm_(model.parameters(), 0.5)
                 opt.step()
                 sched.step()
                 opt.zero_grad()
@@ -71,6 +73,8 @@ def job_accelerate(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
                         "scale": scaler.get_scale(),
                         "lr": sched.get_last_lr()[0],
                         "compute_dtype": str(compute[-1]),
+                        "norm": float(norm),
+                        "scaler_norm": scaler.metrics()["grad_norm"],  # set by distscale's clip only
                     }
                 )
             case = f"{when}-{'fused' if fused else 'plain'}"

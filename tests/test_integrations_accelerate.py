@@ -13,6 +13,8 @@ import distscale
 from distscale.testing import run_ranks
 from tests import integration_cases as ic
 
+INF = float("inf")
+
 accelerate = pytest.importorskip("accelerate", reason='needs accelerate: pip install -e ".[dev]"')
 
 from distscale.integrations.accelerate import use_distscale  # noqa: E402
@@ -41,6 +43,10 @@ def test_accelerate_on_two_ranks_skips_together_and_the_scheduler_holds(tmp_path
         # process, 2 here): 4 applied of 5, the skipped one holds the LR.
         assert [s["lr"] for s in steps] == pytest.approx([0.1 / 3, 0.1 / 5, 0.1 / 5, 0.1 / 7, 0.1 / 9]), case
         assert all(s["compute_dtype"] == "torch.float16" for s in steps), case  # fp16 on the CPU
+        # accelerator.clip_grad_norm_ went through distscale's clip: the job-wide norm, inf on
+        # both ranks at the planted step (torch's clip would give rank 0 a finite one).
+        assert [s["norm"] == s["scaler_norm"] for s in steps if s["norm"] == s["norm"]] == [True] * 5, case
+        assert [s["norm"] == INF for s in steps] == [s == ic.PLANT_STEP for s in range(5)], case
         assert r0[case]["params"] == r1[case]["params"], case  # DDP replicas stay identical
         assert r0[case]["accelerator_scaler_is_ours"], case
     assert r0["loaded"] == r0["saved"] and r1["loaded"] == r1["saved"]

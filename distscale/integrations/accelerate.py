@@ -19,6 +19,15 @@ What it fixes, measured against accelerate 1.15 (``tests/test_integrations_accel
   which fused optimizers (``fused=True``, transformers' ``adamw_torch_fused``) are even on skipped
   steps, so its LR scheduler advanced on them. Costs one host read per step with fused
   optimizers (the scheduler needs a Python bool), none otherwise.
+- ``accelerator.clip_grad_norm_(params, max_norm)`` (what the transformers Trainer calls) clips
+  through ``scaler.clip_grad_norm_`` when ``params`` are exactly one prepared optimizer's: the
+  job-wide norm of the unscaled grads, every element counted once (FSDP shards, tensor and
+  expert parallel layouts included; accelerate's own path unscales and calls torch's clip, which
+  gives each rank its local view, and an overflowing rank a different norm than the others), in
+  the step's single collective; fused optimizers' grads are only read. Other parameter sets
+  (a subset of a model, several optimizers at once) keep accelerate's path. Models prepared
+  before or after the call are registered with the scaler (``GradScaler.register_model``), so
+  it knows which ranks hold copies.
 - On the CPU, ``mixed_precision="fp16"`` builds no scaler and trains in fp32 without a word;
   here it turns fp16 autocast on (``accelerator.native_amp``, and the fp16-autocast forward
   ``prepare()`` gives models, also to those already prepared), logged as a warning.
@@ -84,8 +93,72 @@ def use_distscale(accelerator: Any, scaler: GradScaler | None = None, **scaler_k
     for optimizer in accelerator._optimizers:
         if isinstance(optimizer, AcceleratedOptimizer):
             _attach(optimizer, scaler)
+    for model in accelerator._models:
+        # accelerate keeps the module it wrapped in DDP (over the default group), not the wrapper.
+        ddp = _wraps_in_ddp(accelerator) and not getattr(model, "_is_accelerate_prepared", False)
+        scaler.register_model(model, replicated_over=_world() if ddp else None)
     _attach_future_optimizers(accelerator, AcceleratedOptimizer)
+    _register_future_models(accelerator)
+    _route_clip(accelerator, AcceleratedOptimizer)
     return scaler
+
+
+def _wraps_in_ddp(accelerator: Any) -> bool:
+    """Whether ``prepare()`` wraps models in DDP over the default group (accelerate 1.15's rule)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+        return True
+    tp = accelerator.parallelism_config is not None and accelerator.parallelism_config.tp_enabled
+    return bool(accelerator.multi_device) and not tp
+
+
+def _world() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+def _register_future_models(accelerator: Any) -> None:
+    # The clip counts each parameter once only if the scaler knows DDP's and FSDP1's groups.
+    if getattr(accelerator, "_distscale_prepare_model", None) is not None:
+        return
+    prepare_model = accelerator.prepare_model
+
+    def prepare_with_distscale(*args: Any, **kwargs: Any) -> Any:
+        prepared = prepare_model(*args, **kwargs)
+        if isinstance(accelerator.scaler, GradScaler):
+            accelerator.scaler.register_model(prepared)
+        return prepared
+
+    accelerator._distscale_prepare_model = prepare_with_distscale
+    accelerator.prepare_model = prepare_with_distscale
+
+
+def _route_clip(accelerator: Any, wrapper: Any) -> None:
+    """``accelerator.clip_grad_norm_`` through the scaler's shard-aware clip (module docstring)."""
+    if getattr(accelerator, "_distscale_clip", None) is not None:
+        return
+    accelerate_clip = accelerator.clip_grad_norm_
+
+    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
+        import torch
+
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        wanted = set(map(id, params))
+        holders = [
+            opt.optimizer
+            for opt in accelerator._optimizers
+            if isinstance(opt, wrapper)
+            and {id(p) for group in opt.optimizer.param_groups for p in group["params"]} == wanted
+        ]
+        scaler = accelerator.scaler
+        if len(holders) != 1 or not isinstance(scaler, GradScaler):
+            return accelerate_clip(params, max_norm, norm_type)
+        return scaler.clip_grad_norm_(holders[0], max_norm, norm_type)
+
+    accelerator._distscale_clip = clip_grad_norm_
+    accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
 def _autocast_prepared_models(accelerator: Any) -> None:

@@ -229,6 +229,7 @@ class GradScaler:
         self._engine.rule_config = self._config if self._config.decides_beyond_overflow else None
         self._skipped_host: bool | None = False  # the last step's skip, when already on the host
         self._initialized = False
+        self._init_tracker_override: int | None = None  # torch's _init_growth_tracker, when assigned
         self._min_event_host_seen = 0
 
     # ------------------------------------------------------------------ presets
@@ -423,6 +424,13 @@ class GradScaler:
             raise RuntimeError("step() has already been called since the last update().")
         if takes_grad_scale(optimizer) and _accepts_grad_scaler(optimizer.step):
             # torch's legacy protocol: the optimizer decides through _check_inf_per_device.
+            warnings.warn(
+                f"{type(optimizer).__name__}.step takes grad_scaler=, a protocol torch deprecates: the "
+                "scaler passes itself and the optimizer must ask it for the decision. Optimizers should "
+                "read the grad_scale and found_inf tensors the scaler sets on them instead.",
+                FutureWarning,
+                stacklevel=2,
+            )
             return self._engine.legacy_step(optimizer, self, args, kwargs)
         return self._engine.step(optimizer, self._state, args, kwargs)
 
@@ -705,6 +713,7 @@ class GradScaler:
         for name, tensor in zip(stats.ScalerStats._fields, self._stats, strict=True):
             tensor.fill_(stat_values[name])
         self._skipped_host = bool(stat_values["step_was_skipped"])
+        self._init_tracker_override = int(values["growth_tracker"])  # torch's _init_growth_tracker
         self._engine.num_updates_host = values["num_updates"]
         self._min_event_host_seen = values["num_min_scale_events"]
 
@@ -765,7 +774,19 @@ class GradScaler:
 
     @property
     def _init_growth_tracker(self) -> int:
+        """The growth tracker's value at the first ``scale()`` (or as last loaded), as torch's."""
+        if self._init_tracker_override is not None:
+            return self._init_tracker_override
         return -self._config.growth_delay
+
+    @_init_growth_tracker.setter
+    def _init_growth_tracker(self, value: int) -> None:
+        # As torch: it seeds the tracker the first scale() creates; a tracker in use is left alone.
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"_init_growth_tracker must be an int, got {type(value).__name__} {value!r}.")
+        self._init_tracker_override = int(value)
+        if not self._initialized:
+            self._state.growth_tracker.fill_(int(value))
 
     @property
     def _growth_factor(self) -> float:

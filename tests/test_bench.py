@@ -313,3 +313,44 @@ def test_hosttime_measures_every_layout_it_names() -> None:
         assert r["ratio"] == pytest.approx(r["distscale_ms"] / r["torch_ms"])
         assert r["met"] == (r["ratio"] <= hosttime.TARGET[r["layout"]])
     assert "| flat | 20 | clip + update |" in hosttime.to_markdown(rows, "header")
+
+
+# ---------------------------------------------------------------------------- torch's own tests, swapped
+
+
+_TORCH_STYLE_FILE = '''
+import torch
+from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyNativeDeviceTypes
+from torch.testing._internal.common_dtype import a_helper_this_torch_lacks
+
+
+class TestTorchDeviceType:
+    @onlyNativeDeviceTypes
+    def test_grad_scaling_sees_the_class_under_test(self, device):
+        scaler = torch.GradScaler(device=device, init_scale=4.0)
+        self.assertEqual(scaler.scale(torch.ones((), device=device)).item(), 4.0)
+        self.assertEqual(type(scaler).__module__, "distscale.scaler")  # fails with torch's own
+
+    def test_gradscaler_helper_missing(self, device):
+        a_helper_this_torch_lacks()
+
+    def test_something_else(self, device):
+        raise AssertionError("not a grad-scaling test: never selected")
+'''
+
+
+def test_torch_suite_runs_the_selected_tests_with_each_class(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("expecttest", reason="torch's test utilities need it: pip install -e '.[dev]'")
+    from bench import torch_suite
+
+    path = tmp_path / "test_torch.py"
+    path.write_text(_TORCH_STYLE_FILE)
+    ours, missing = torch_suite.run(path, "distscale")
+    theirs, _ = torch_suite.run(path, "torch")
+    selected = {"test_grad_scaling_sees_the_class_under_test_cpu", "test_gradscaler_helper_missing_cpu"}
+    assert set(ours) == set(theirs) == selected
+    assert ours["test_grad_scaling_sees_the_class_under_test_cpu"] == "passed"
+    assert theirs["test_grad_scaling_sees_the_class_under_test_cpu"].startswith("failed: AssertionError")
+    assert ours["test_gradscaler_helper_missing_cpu"].startswith("error: NameError")
+    assert len(missing) == 1 and "a_helper_this_torch_lacks" in missing[0]
+    assert torch.GradScaler is torch.amp.GradScaler and torch.GradScaler.__module__ == "torch.amp.grad_scaler"

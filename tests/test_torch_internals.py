@@ -5,7 +5,6 @@ torch's own scaler on the same model, and the legacy protocol keeps every rank's
 from __future__ import annotations
 
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -81,6 +80,26 @@ def test_settings_read_as_torchs_private_attributes() -> None:
     ):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours._device == theirs._device == "cpu" and ours._enabled is theirs._enabled is True
+
+
+def test_init_growth_tracker_seeds_the_first_tracker_and_follows_a_load() -> None:
+    ours, theirs = both(init_scale=2.0**8, growth_interval=3)
+    for scaler in (ours, theirs):
+        scaler._init_growth_tracker = 2  # before the first scale(): the tracker starts there
+        scaler.scale(torch.ones(()))
+    assert ours._growth_tracker.item() == theirs._growth_tracker.item() == 2
+    for scaler in (ours, theirs):
+        scaler._init_growth_tracker = 1  # a tracker in use is left alone
+    assert ours._init_growth_tracker == theirs._init_growth_tracker == 1
+    assert ours._growth_tracker.item() == theirs._growth_tracker.item() == 2
+    saved = torch.amp.GradScaler("cpu")
+    saved._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    saved._growth_tracker.fill_(0)
+    for scaler in (ours, theirs):
+        scaler.load_state_dict(saved.state_dict())
+    assert ours._init_growth_tracker == theirs._init_growth_tracker == 0
+    with pytest.raises(TypeError, match=r"_init_growth_tracker must be an int, got float 1\.5"):
+        ours._init_growth_tracker = 1.5  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------------- lazy init (accelerate's FSDP2 load_state)
@@ -190,8 +209,7 @@ def test_legacy_grad_scaler_protocol_matches_torch_on_one_process() -> None:
             tiny.backward(net, scaler, step)
             if step == 2:
                 tiny.plant(net, INF)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the protocol
+            with pytest.warns(FutureWarning):  # both: torch deprecates the protocol
                 returned.append(scaler.step(opt))
             scaler.update()
         assert returned[0] == returned[1] == ("skipped" if step == 2 else "stepped"), step
@@ -211,7 +229,8 @@ def test_a_legacy_optimizer_that_never_asks_leaves_update_without_a_decision() -
     opt = Silent(net.parameters(), lr=0.1)
     scaler = distscale.GradScaler("cpu")
     tiny.backward(net, scaler, 0)
-    scaler.step(opt)
+    with pytest.warns(FutureWarning):
+        scaler.step(opt)
     with pytest.raises(AssertionError, match="No inf checks were recorded prior to update"):
         scaler.update()
 

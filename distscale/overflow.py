@@ -77,6 +77,7 @@ _VERSION_OF = operator.attrgetter("_version")
 _GRAD_OF = operator.attrgetter("grad")
 _LOCAL_OF = operator.attrgetter("_local_tensor")  # a DTensor's shard on this rank
 _DATA_PTR_OF = torch.Tensor.data_ptr
+_NUMEL_OF = torch.Tensor.numel
 _PLAIN_TYPES, _STRIDED = {torch.Tensor}, {torch.strided}
 
 
@@ -493,17 +494,22 @@ class GradSet:
         ):
             total = self._fused_norm[1].to(device)
             return (total if scale_by is None else total * scale_by.to(device)).float()
-        # Empty shards contribute nothing (and torch's inf-norm refuses them).
-        counted = [n for n in self.norm_tensors if n is not None and n.numel()]
-        per_tensor: list[torch.Tensor] = []
+        if self.norm_tensors is self.tensors and all(map(_NUMEL_OF, self.tensors)):
+            # Every grad counted whole, none empty: the (device, dtype) groups are already known.
+            by_group = [g.tensors for g in self.groups().values()]
+        else:
+            # Empty shards contribute nothing (and torch's inf-norm refuses them).
+            counted = [n for n in self.norm_tensors if n is not None and n.numel()]
+            by_group = list(group_by_device_and_dtype(counted).values())
         with torch.no_grad():
             # torch's multi-tensor norm, unless the reference backend was chosen (see kernels.norms).
             backend: kernels.Backend = "reference" if self.kernel == "reference" else "torch"
-            for tensors in group_by_device_and_dtype(counted).values():
-                per_tensor.extend(n.to(device) for n in kernels.norms(tensors, norm_type, backend))
-            if not per_tensor:
+            # One vector of per-tensor norms in group order (moved per group, not per tensor).
+            stacked = [torch.stack(kernels.norms(ts, norm_type, backend)).to(device) for ts in by_group if ts]
+            if not stacked:
                 return torch.zeros((), dtype=torch.float32, device=device)
-            total = torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+            per_tensor = stacked[0] if len(stacked) == 1 else torch.cat(stacked)
+            total = torch.linalg.vector_norm(per_tensor, norm_type)
             if scale_by is not None:
                 total = total * scale_by.to(device)
         return total.float()

@@ -318,7 +318,7 @@ def test_hosttime_measures_every_layout_it_names() -> None:
 # ---------------------------------------------------------------------------- torch's own tests, swapped
 
 
-_TORCH_STYLE_FILE = '''
+_TORCH_STYLE_FILE = """
 import torch
 from torch.testing._internal.common_device_type import instantiate_device_type_tests, onlyNativeDeviceTypes
 from torch.testing._internal.common_dtype import a_helper_this_torch_lacks
@@ -336,7 +336,7 @@ class TestTorchDeviceType:
 
     def test_something_else(self, device):
         raise AssertionError("not a grad-scaling test: never selected")
-'''
+"""
 
 
 def test_torch_suite_runs_the_selected_tests_with_each_class(tmp_path: pathlib.Path) -> None:

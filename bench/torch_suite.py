@@ -1,12 +1,14 @@
 """PyTorch's own GradScaler unit tests, run against ``distscale.GradScaler`` (issue 12).
 
     pip install expecttest      # torch's test utilities need it
-    python -m bench.torch_suite PYTORCH/test/test_torch.py [--out results.md]
+    python -m bench.torch_suite PYTORCH/test/test_torch.py [--class TestTorchDeviceType] [--out results.md]
+    python -m bench.torch_suite PYTORCH/test/test_cuda.py --class TestCudaOptims
 
-torch's wheels ship no test files and distscale copies none: this reads a PyTorch checkout's
-``test/test_torch.py``, takes the grad-scaling methods of its device-generic class
-``TestTorchDeviceType`` (names matching :data:`SELECTED`, with their decorators and the file's
-imports), and runs them on the CPU twice in one process: with torch's own ``GradScaler``, the
+torch's wheels ship no test files and distscale copies none: this reads a PyTorch test file,
+takes the grad-scaling methods of one of its device-generic test classes (``TestTorchDeviceType``
+of ``test/test_torch.py`` by default, or ``TestCudaOptims`` of ``test/test_cuda.py``, whose fused
+optimizer tests run on the CPU too; names matching :data:`SELECTED`, with their decorators and the
+file's imports), and runs them on the CPU twice in one process: with torch's own ``GradScaler``, the
 baseline, and with ``torch.GradScaler`` and ``torch.amp.GradScaler`` replaced by
 ``distscale.GradScaler``. An import of the file that this torch lacks is skipped and named; a test
 that needs it then fails in both columns alike. Prints a Markdown table of both outcomes per test.
@@ -29,13 +31,13 @@ import torch
 
 import distscale
 
-CLASS = "TestTorchDeviceType"
+DEFAULT_CLASS = "TestTorchDeviceType"
 SELECTED = re.compile(r"grad_?scal|gradscaler|scaling_case|params_invalidated")
 
 
-def _module_source(path: Path) -> tuple[list[str], str]:
+def _module_source(path: Path, class_name: str) -> tuple[list[str], str]:
     """(the file's top-level import statements, the source of a test class holding the selected
-    methods of ``CLASS``)."""
+    methods of ``class_name``)."""
     text = path.read_text()
     tree = ast.parse(text)
     lines = text.splitlines()
@@ -44,16 +46,16 @@ def _module_source(path: Path) -> tuple[list[str], str]:
         for node in tree.body
         if isinstance(node, ast.Import | ast.ImportFrom)
     ]
-    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == CLASS]
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
     if not classes:
-        raise SystemExit(f"{path}: no class {CLASS}; pass PyTorch's test/test_torch.py")
+        raise SystemExit(f"{path}: no class {class_name}; pass its PyTorch test file (--class)")
     methods = []
     for node in classes[0].body:
         if isinstance(node, ast.FunctionDef) and SELECTED.search(node.name):
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             methods.append(textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno])))
     if not methods:
-        raise SystemExit(f"{path}: no method of {CLASS} matches {SELECTED.pattern!r}")
+        raise SystemExit(f"{path}: no method of {class_name} matches {SELECTED.pattern!r}")
     body = "\n\n".join(textwrap.indent(m, "    ") for m in methods)
     return imports, f"class GradScalingTests(TestCase):\n    exact_dtype = True\n\n{body}\n"
 
@@ -94,9 +96,9 @@ def _scaler_class(kind: str) -> Iterator[None]:
         torch.GradScaler, torch.amp.GradScaler = saved  # type: ignore[misc]
 
 
-def run(path: Path, kind: str) -> tuple[dict[str, str], list[str]]:
+def run(path: Path, kind: str, class_name: str = DEFAULT_CLASS) -> tuple[dict[str, str], list[str]]:
     """Outcome per test ("passed", "skipped: why", "failed: first line") with ``kind``'s class."""
-    imports, class_source = _module_source(path)
+    imports, class_source = _module_source(path, class_name)
     namespace, missing = _namespace(imports)
     outcomes: dict[str, str] = {}
 
@@ -134,18 +136,19 @@ def _first_line(exc: BaseException) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("test_file", type=Path, help="PyTorch's test/test_torch.py")
+    p.add_argument("test_file", type=Path, help="a PyTorch test file: test/test_torch.py, test/test_cuda.py")
+    p.add_argument("--class", dest="class_name", default=DEFAULT_CLASS, help="its device-generic test class")
     p.add_argument("--out", type=Path, help="also write the table here")
     args = p.parse_args()
     try:
         import expecttest  # noqa: F401
     except ImportError:
         raise SystemExit("torch's test utilities need expecttest: pip install expecttest") from None
-    baseline, missing = run(args.test_file, "torch")
-    ours, _ = run(args.test_file, "distscale")
+    baseline, missing = run(args.test_file, "torch", args.class_name)
+    ours, _ = run(args.test_file, "distscale", args.class_name)
     passed = sum(v == "passed" for v in ours.values())
     lines = [
-        f"torch {torch.__version__}, CPU; {args.test_file}: {len(ours)} grad-scaling tests of {CLASS}; "
+        f"torch {torch.__version__}, CPU; {args.test_file}: {len(ours)} grad-scaling tests of {args.class_name}; "
         f"with distscale.GradScaler {passed} passed, with torch's {sum(v == 'passed' for v in baseline.values())}",
         "",
         "| test | torch.amp.GradScaler | distscale.GradScaler |",

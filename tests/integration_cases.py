@@ -299,3 +299,131 @@ def job_lightning_fabric(rank: int, world: int) -> dict[str, Any]:
         opt.step()
         steps.append({"skipped": scaler.last_step_skipped(), "scale": scaler.get_scale()})
     return {"steps": steps, "params": [p.detach().tolist() for p in model.parameters()]}
+
+
+def _shard(module: nn.Module, mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in module.net:
+        if any(p.requires_grad for p in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _plant_in_shard(param: torch.Tensor) -> None:
+    param.grad._local_tensor.view(-1)[0] = INF  # this rank's shard of a DTensor gradient
+
+
+def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """Lightning's ModelParallelStrategy (FSDP2 over 2 gloo ranks, the plugin's fp16 on the CPU) in
+    the Trainer, fused AdamW, clipping by norm, an inf in rank 1's shard after backward, a resume
+    from the Trainer's sharded checkpoint; then Fabric with the same strategy, its sharded
+    save and load."""
+    _lightning_env(rank, world)
+    import lightning
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from distscale.integrations.lightning import DistscaleFabricPrecision, DistscalePrecision, fabric_load
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _model()
+            self.steps: list[dict[str, Any]] = []
+
+        def configure_model(self) -> None:
+            _shard(self, self.device_mesh["data_parallel"])
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).float().pow(2).mean()
+
+        def on_after_backward(self) -> None:
+            if self.global_step == PLANT_STEP and self.global_rank == PLANT_RANK:
+                _plant_in_shard(self.net[0].weight)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            scaler = self.trainer.precision_plugin.scaler
+            self.steps.append({"skipped": scaler.last_step_skipped(), "scale": scaler.get_scale()})
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
+
+        def train_dataloader(self) -> Any:
+            batches = torch.stack([_batch(self.global_rank, step) for step in range(5)])
+            return torch.utils.data.DataLoader(batches, batch_size=None)
+
+    def trainer(**kwargs: Any) -> Any:
+        return lightning.Trainer(
+            accelerator="cpu", devices=world, gradient_clip_val=1.0,
+            # "auto" would make the 2 ranks a tensor-parallel dim (and the FSDP mesh one rank).
+            strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+            plugins=[DistscalePrecision("cpu", init_scale=2.0**10, growth_interval=3)], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False, **kwargs,
+        )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    module = Module()
+    fit = trainer(max_steps=5)
+    fit.fit(module)
+    full = [p.full_tensor().tolist() for p in module.parameters()]  # a collective: every rank
+    out["trainer"] = {
+        "steps": module.steps,
+        "param_type": type(next(module.parameters())).__name__,
+        "params": full,
+        "state": fit.precision_plugin.scaler.state_dict(),
+    }
+    fit.save_checkpoint(f"{ckpt_root}/trainer")  # sharded: one directory, a file per rank
+    resumed = trainer(max_steps=6)
+    resumed.fit(Module(), ckpt_path=f"{ckpt_root}/trainer")
+    out["trainer"]["resumed_start"] = resumed.precision_plugin.scaler.state_dict()["state"]["num_updates"]
+    out["trainer"]["resumed_steps"] = resumed.lightning_module.steps
+
+    # Fabric, the same strategy through its parallelize_fn.
+    fabric = lightning.Fabric(
+        accelerator="cpu", devices=world,
+        strategy=FabricModelParallel(
+            parallelize_fn=lambda m, mesh: _shard(m, mesh["data_parallel"]),
+            data_parallel_size=world, tensor_parallel_size=1,
+        ),
+        plugins=[DistscaleFabricPrecision("cpu", init_scale=2.0**10, growth_interval=3)],
+    )  # fmt: skip
+    fabric.launch()
+    holder = nn.Module()
+    holder.net = _model()
+    model = fabric.setup_module(holder)
+    opt = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    scaler = fabric._precision.scaler
+    steps = []
+    for step in range(5):
+        opt.zero_grad()
+        fabric.backward(model.net(_batch(rank, step)).float().pow(2).mean())
+        if step == PLANT_STEP and rank == PLANT_RANK:
+            _plant_in_shard(model.net[0].weight)
+        norm = scaler.clip_grad_norm_(opt.optimizer, 1.0)
+        opt.step()
+        steps.append(
+            {"skipped": scaler.last_step_skipped(), "scale": scaler.get_scale(), "norm": float(norm)}
+        )
+    fabric.save(f"{ckpt_root}/fabric", {"model": model, "optimizer": opt, "scaler": scaler})
+    saved = scaler.state_dict()
+    fresh = DistscaleFabricPrecision("cpu").scaler
+    fresh_holder = nn.Module()
+    fresh_holder.net = _model()
+    fresh_model = fabric.setup_module(fresh_holder)
+    fresh_opt = fabric.setup_optimizers(torch.optim.AdamW(fresh_model.parameters(), lr=0.1, fused=True))
+    loaded = {"model": fresh_model, "optimizer": fresh_opt, "scaler": fresh}
+    fabric_load(fabric, f"{ckpt_root}/fabric", loaded)
+    out["fabric"] = {
+        "steps": steps,
+        "saved": saved,
+        "loaded": fresh.state_dict(),
+        "scaler_kept": loaded["scaler"] is fresh,
+        "params_equal": all(
+            torch.equal(a.full_tensor(), b.full_tensor())
+            for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
+        ),
+    }
+    return out

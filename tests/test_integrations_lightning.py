@@ -55,3 +55,30 @@ def test_clipping_by_value_is_refused_for_fused_optimizers() -> None:
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), fused=True)
     with pytest.raises(RuntimeError, match="gradient_clip_algorithm='value' needs unscaled gradients"):
         plugin.clip_gradients(opt, 1.0, lightning.pytorch.utilities.GradClipAlgorithmType.VALUE)
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_fsdp2_on_two_ranks(tmp_path) -> None:
+    """ModelParallelStrategy (FSDP2) takes the plugin's fp16 on the CPU (Lightning's precision flags
+    refuse "16-mixed" with it): both ranks skip together, the Trainer resumes from its sharded
+    checkpoint with the scaler's state, Fabric's sharded save and fabric_load carry it."""
+    r0, r1 = run_ranks(ic.job_lightning_model_parallel, 2, str(tmp_path))
+    trainer = r0["trainer"]
+    assert trainer["param_type"] == "DTensor"
+    assert trainer["steps"] == r1["trainer"]["steps"]
+    assert [s["skipped"] for s in trainer["steps"]] == [i == ic.PLANT_STEP for i in range(5)]
+    assert trainer["steps"][ic.PLANT_STEP]["scale"] == trainer["steps"][ic.PLANT_STEP - 1]["scale"] / 2
+    assert trainer["params"] == r1["trainer"]["params"]
+    # The resumed run continues the saved scaler (5 updates, growth tracker 2): its sixth update is
+    # the third clean step since the skip, so the scale grows (a fresh scaler would be at 1 update).
+    assert trainer["resumed_start"] == 6 and len(trainer["resumed_steps"]) == 1
+    assert trainer["resumed_steps"][0]["scale"] == 2 * trainer["steps"][-1]["scale"]
+    fabric = r0["fabric"]
+    assert fabric["steps"] == r1["fabric"]["steps"]
+    assert [s["skipped"] for s in fabric["steps"]] == [i == ic.PLANT_STEP for i in range(5)]
+    assert fabric["steps"][ic.PLANT_STEP]["norm"] == float("inf")  # the same on both ranks
+    # fabric_load restores the scaler from the sharded checkpoint (fabric.load alone puts the dict
+    # in its place and leaves the scaler at its initial state).
+    assert fabric["loaded"] == fabric["saved"] and r1["fabric"]["loaded"] == r1["fabric"]["saved"]
+    assert fabric["scaler_kept"]
+    assert fabric["params_equal"] and r1["fabric"]["params_equal"]

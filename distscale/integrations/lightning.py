@@ -24,6 +24,12 @@ checkpoints) holding a :class:`~distscale.GradScaler`. What they add, measured a
   an overflow step, on the overflowing rank alone, while the others wait. Better, call
   ``scaler.clip_grad_norm_(optimizer, max_norm)``: the job-wide, shard-aware norm, the same on
   every rank (inf on a step that will be skipped), never raising.
+- Fabric: save the scaler with the rest (``fabric.save(path, {..., "scaler": scaler})``) and load with
+  :func:`fabric_load`. Lightning's sharded checkpoints (FSDP, ModelParallel) put the saved dict in
+  place of the scaler instead of loading it (its single-file checkpoints load it), which would
+  leave the scaler silently at its initial state.
+- The ModelParallel strategy (FSDP2, with or without tensor parallelism) runs with these plugins,
+  on the CPU too, although Lightning refuses the ``precision="16-mixed"`` flag with it.
 
 Needs ``pip install "distscale[lightning]"``.
 """
@@ -45,7 +51,7 @@ except ImportError as exc:  # pragma: no cover
         'distscale.integrations.lightning needs Lightning: pip install "distscale[lightning]"'
     ) from exc
 
-__all__ = ["DistscaleFabricPrecision", "DistscalePrecision"]
+__all__ = ["DistscaleFabricPrecision", "DistscalePrecision", "fabric_load"]
 
 
 def _scaler(device: str, scaler: GradScaler | None, scaler_kwargs: dict[str, Any]) -> GradScaler:
@@ -138,3 +144,26 @@ class DistscaleFabricPrecision(_FabricMixedPrecision):
     def unscale_gradients(self, optimizer: Any) -> None:
         """Unscale in place, fused optimizers included (their step then takes no ``grad_scale``)."""
         self.distscale_scaler.unscale_(optimizer)
+
+
+def fabric_load(fabric: Any, path: Any, state: dict[str, Any], **kwargs: Any) -> Any:
+    """``fabric.load(path, state, **kwargs)`` that also restores the scaler (and any other object
+    with ``state_dict``/``load_state_dict`` that is not a module or optimizer) from a sharded
+    checkpoint, where Lightning replaces the object in ``state`` by its saved dict. Returns what
+    ``fabric.load`` returns. Call it on every rank, as ``fabric.load``."""
+    import torch
+
+    stateful = {
+        key: obj
+        for key, obj in state.items()
+        if hasattr(obj, "load_state_dict")
+        and hasattr(obj, "state_dict")
+        and not isinstance(obj, torch.nn.Module | torch.optim.Optimizer)
+        and not hasattr(obj, "optimizer")  # Fabric's optimizer wrapper
+    }
+    remainder = fabric.load(path, state, **kwargs)
+    for key, obj in stateful.items():
+        if state.get(key) is not obj and isinstance(state.get(key), dict):
+            obj.load_state_dict(state[key])
+            state[key] = obj
+    return remainder

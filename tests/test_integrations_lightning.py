@@ -82,3 +82,43 @@ def test_lightning_model_parallel_fsdp2_on_two_ranks(tmp_path) -> None:
     assert fabric["loaded"] == fabric["saved"] and r1["fabric"]["loaded"] == r1["fabric"]["saved"]
     assert fabric["scaler_kept"]
     assert fabric["params_equal"] and r1["fabric"]["params_equal"]
+
+
+@pytest.mark.slow
+def test_lightning_fsdp1_on_two_ranks(tmp_path) -> None:
+    """Lightning's FSDP strategy with DistscaleFSDPPrecision (Lightning's FSDPPrecision refuses a
+    scaler, and clipping by norm): both ranks skip together, clipping by norm works with a fused
+    optimizer, the checkpoint resumes the scaler; Fabric's sharded save and fabric_load carry it."""
+    r0, r1 = run_ranks(ic.job_lightning_fsdp1, 2, str(tmp_path))
+    trainer = r0["trainer"]
+    assert trainer["wrapped"] == "FullyShardedDataParallel"
+    assert trainer["steps"] == r1["trainer"]["steps"]
+    assert [s["skipped"] for s in trainer["steps"]] == [i == ic.PLANT_STEP for i in range(5)]
+    assert trainer["steps"][ic.PLANT_STEP]["scale"] == trainer["steps"][ic.PLANT_STEP - 1]["scale"] / 2
+    assert (
+        trainer["resumed_start"] == 6
+        and trainer["resumed_steps"][0]["scale"] == 2 * trainer["steps"][-1]["scale"]
+    )
+    fabric = r0["fabric"]
+    assert fabric["steps"] == r1["fabric"]["steps"]
+    assert [s["skipped"] for s in fabric["steps"]] == [i == ic.PLANT_STEP for i in range(5)]
+    assert fabric["steps"][ic.PLANT_STEP]["norm"] == float("inf")
+    assert fabric["loaded"] == fabric["saved"] and r1["fabric"]["loaded"] == r1["fabric"]["saved"]
+    assert fabric["params_equal"] and r1["fabric"]["params_equal"]
+
+
+def test_fsdp_plugins_accept_the_scaler_lightning_refuses() -> None:
+    from lightning.fabric.plugins.precision.fsdp import FSDPPrecision as FabricFSDPPrecision
+    from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+
+    from distscale.integrations.lightning import DistscaleFabricFSDPPrecision, DistscaleFSDPPrecision
+
+    for lightning_cls in (FSDPPrecision, FabricFSDPPrecision):  # Lightning 2.6 reads self.precision first
+        with pytest.raises(ValueError, match="'16-mixed'` does not use a scaler"):
+            lightning_cls("16-mixed", scaler=distscale.GradScaler("cpu"))
+    for cls in (DistscaleFSDPPrecision, DistscaleFabricFSDPPrecision):
+        plugin = cls("cpu", init_scale=8.0)
+        assert plugin.scaler is plugin.distscale_scaler and plugin.scaler.get_scale() == 8.0
+        assert plugin.mixed_precision_config.param_dtype == torch.float16
+        with plugin.forward_context():
+            assert torch.is_autocast_enabled("cpu")  # Lightning's FSDP plugins autocast "cuda" only

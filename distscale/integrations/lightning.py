@@ -4,6 +4,7 @@
 
     trainer = lightning.Trainer(strategy="ddp", plugins=[DistscalePrecision("cuda")], gradient_clip_val=1.0)
     fabric = lightning.Fabric(strategy="ddp", plugins=[DistscaleFabricPrecision("cuda")])
+    trainer = lightning.Trainer(strategy="fsdp", plugins=[DistscaleFSDPPrecision("cuda")])  # FSDP1
 
 Both are Lightning's own ``MixedPrecision`` plugins ("16-mixed": fp16 autocast, the loss scaled in
 backward, the step and ``update`` through the scaler, the scaler's state in Lightning's
@@ -44,14 +45,22 @@ from distscale.skip import SkipAwareScheduler
 
 try:
     from lightning.fabric.plugins.precision.amp import MixedPrecision as _FabricMixedPrecision
+    from lightning.fabric.plugins.precision.fsdp import FSDPPrecision as _FabricFSDPPrecision
     from lightning.pytorch.plugins.precision.amp import MixedPrecision as _TrainerMixedPrecision
+    from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision as _TrainerFSDPPrecision
     from lightning.pytorch.utilities import GradClipAlgorithmType
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
         'distscale.integrations.lightning needs Lightning: pip install "distscale[lightning]"'
     ) from exc
 
-__all__ = ["DistscaleFabricPrecision", "DistscalePrecision", "fabric_load"]
+__all__ = [
+    "DistscaleFSDPPrecision",
+    "DistscaleFabricFSDPPrecision",
+    "DistscaleFabricPrecision",
+    "DistscalePrecision",
+    "fabric_load",
+]
 
 
 def _scaler(device: str, scaler: GradScaler | None, scaler_kwargs: dict[str, Any]) -> GradScaler:
@@ -81,21 +90,18 @@ class _Registration:
             self._model = weakref.ref(model)
 
 
-class DistscalePrecision(_TrainerMixedPrecision):
-    """The Trainer's "16-mixed" precision with a distscale scaler (built on ``device`` from
-    ``scaler_kwargs`` when ``scaler`` is None)."""
+class _TrainerHooks:
+    """What distscale adds to a Trainer precision plugin (see the module docstring), shared by
+    the DDP and FSDP plugins; mixed in before Lightning's class."""
 
-    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
-        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
-        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
-        self._register = _Registration()
+    distscale_scaler: GradScaler
+    _register: _Registration
 
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
         # The strategy's model is the wrapped one (DDP, FSDP1): what the norm needs to know.
         trainer = getattr(model, "_trainer", None)
         self._register(self.distscale_scaler, trainer.strategy.model if trainer is not None else model)
-        return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)  # type: ignore[misc]
 
     def clip_gradients(
         self,
@@ -116,7 +122,7 @@ class DistscalePrecision(_TrainerMixedPrecision):
                 "unscales inside its fused step. Clip by norm (gradient_clip_algorithm='norm'), which "
                 "distscale folds into the fused step, or use a non-fused optimizer."
             )
-        self.clip_grad_by_value(optimizer, clip_val)
+        self.clip_grad_by_value(optimizer, clip_val)  # type: ignore[attr-defined]
 
     def connect(self, model: Any, optimizers: list[Any], lr_scheduler_configs: list[Any]) -> Any:
         """Hold per-step LR schedulers on skipped steps (see the module docstring)."""
@@ -124,10 +130,61 @@ class DistscalePrecision(_TrainerMixedPrecision):
             stepped_per_update = config.interval == "step" and not config.reduce_on_plateau
             if stepped_per_update and not isinstance(config.scheduler, SkipAwareScheduler):
                 config.scheduler = SkipAwareScheduler(config.scheduler, self.distscale_scaler)
-        return super().connect(model, optimizers, lr_scheduler_configs)
+        return super().connect(model, optimizers, lr_scheduler_configs)  # type: ignore[misc]
 
 
-class DistscaleFabricPrecision(_FabricMixedPrecision):
+class _FabricHooks:
+    """What distscale adds to a Fabric precision plugin, shared by the DDP and FSDP plugins."""
+
+    distscale_scaler: GradScaler
+    _register: _Registration
+
+    def backward(self, tensor: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+        self._register(self.distscale_scaler, model)  # the strategy's wrapped module (DDP, FSDP1)
+        super().backward(tensor, model, *args, **kwargs)  # type: ignore[misc]
+
+    def unscale_gradients(self, optimizer: Any) -> None:
+        """Unscale in place, fused optimizers included (their step then takes no ``grad_scale``)."""
+        self.distscale_scaler.unscale_(optimizer)
+
+
+def _fp16_autocast(device: str) -> Any:
+    import torch
+
+    return torch.autocast(device, dtype=torch.float16)
+
+
+class DistscalePrecision(_TrainerHooks, _TrainerMixedPrecision):  # type: ignore[misc]
+    """The Trainer's "16-mixed" precision with a distscale scaler (built on ``device`` from
+    ``scaler_kwargs`` when ``scaler`` is None), for DDP, single-device and ModelParallel (FSDP2)."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
+        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
+        self._register = _Registration()
+
+
+class DistscaleFSDPPrecision(_TrainerHooks, _TrainerFSDPPrecision):  # type: ignore[misc]
+    """The Trainer's FSDP (FSDP1) "16-mixed" precision with a distscale scaler, for
+    ``strategy="fsdp"``: Lightning 2.6's ``FSDPPrecision("16-mixed", scaler=...)`` refuses any
+    scaler (it reads its precision before setting it), would drop it if it did not (it keeps a
+    scaler only when it builds its own), and refuses clipping by norm, which this plugin does
+    through the scaler's shard-aware clip (FSDP1's flat parameters counted once)."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        self.precision = "16-mixed"  # read by FSDPPrecision.__init__ before it sets it
+        super().__init__("16-mixed", cast(Any, self.distscale_scaler))
+        self.scaler = cast(Any, self.distscale_scaler)  # FSDPPrecision drops a scaler it is given
+        self._register = _Registration()
+        self._device = device
+
+    def forward_context(self) -> Any:
+        return _fp16_autocast(self._device)  # Lightning's FSDP plugin autocasts "cuda" only
+
+
+class DistscaleFabricPrecision(_FabricHooks, _FabricMixedPrecision):
     """Fabric's "16-mixed" precision with a distscale scaler (built on ``device`` from
     ``scaler_kwargs`` when ``scaler`` is None)."""
 
@@ -137,13 +194,21 @@ class DistscaleFabricPrecision(_FabricMixedPrecision):
         super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
         self._register = _Registration()
 
-    def backward(self, tensor: Any, model: Any, *args: Any, **kwargs: Any) -> None:
-        self._register(self.distscale_scaler, model)  # the strategy's wrapped module (DDP, FSDP1)
-        super().backward(tensor, model, *args, **kwargs)
 
-    def unscale_gradients(self, optimizer: Any) -> None:
-        """Unscale in place, fused optimizers included (their step then takes no ``grad_scale``)."""
-        self.distscale_scaler.unscale_(optimizer)
+class DistscaleFabricFSDPPrecision(_FabricHooks, _FabricFSDPPrecision):
+    """Fabric's FSDP (FSDP1) "16-mixed" precision with a distscale scaler (Lightning's refuses
+    any scaler, see :class:`DistscaleFSDPPrecision`)."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        self.precision = "16-mixed"  # read by FSDPPrecision.__init__ before it sets it
+        super().__init__("16-mixed", cast(Any, self.distscale_scaler))
+        self.scaler = cast(Any, self.distscale_scaler)  # FSDPPrecision drops a scaler it is given
+        self._register = _Registration()
+        self._device = device
+
+    def forward_context(self) -> Any:
+        return _fp16_autocast(self._device)  # Lightning's FSDP plugin autocasts "cuda" only
 
 
 def fabric_load(fabric: Any, path: Any, state: dict[str, Any], **kwargs: Any) -> Any:

@@ -315,17 +315,20 @@ def _plant_in_shard(param: torch.Tensor) -> None:
     param.grad._local_tensor.view(-1)[0] = INF  # this rank's shard of a DTensor gradient
 
 
-def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
-    """Lightning's ModelParallelStrategy (FSDP2 over 2 gloo ranks, the plugin's fp16 on the CPU) in
-    the Trainer, fused AdamW, clipping by norm, an inf in rank 1's shard after backward, a resume
-    from the Trainer's sharded checkpoint; then Fabric with the same strategy, its sharded
-    save and load."""
-    _lightning_env(rank, world)
-    import lightning
-    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    from distscale.integrations.lightning import DistscaleFabricPrecision, DistscalePrecision, fabric_load
+def _run_sharded_trainer(
+    lightning: Any,
+    world: int,
+    strategy: Any,
+    plugin: Any,
+    configure: Any,
+    plant: Any,
+    ckpt: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Fit the Lightning Trainer 5 steps with ``strategy()`` and ``plugin()``: fused AdamW, clipping
+    by norm, this rank's 5 batches, ``configure(module)`` in ``configure_model`` and ``plant(module)``
+    after backward at PLANT_STEP on PLANT_RANK; save its checkpoint at ``ckpt`` and resume one more
+    step from it. Returns the fitted module and its record: per-step decisions and scales, and the
+    resumed run's ``num_updates`` and steps."""
 
     class Module(lightning.LightningModule):
         def __init__(self) -> None:
@@ -334,14 +337,14 @@ def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[
             self.steps: list[dict[str, Any]] = []
 
         def configure_model(self) -> None:
-            _shard(self, self.device_mesh["data_parallel"])
+            configure(self)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.net(batch).float().pow(2).mean()
 
         def on_after_backward(self) -> None:
             if self.global_step == PLANT_STEP and self.global_rank == PLANT_RANK:
-                _plant_in_shard(self.net[0].weight)
+                plant(self)
 
         def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
             scaler = self.trainer.precision_plugin.scaler
@@ -354,32 +357,50 @@ def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[
             batches = torch.stack([_batch(self.global_rank, step) for step in range(5)])
             return torch.utils.data.DataLoader(batches, batch_size=None)
 
-    def trainer(**kwargs: Any) -> Any:
+    def trainer(max_steps: int) -> Any:
         return lightning.Trainer(
-            accelerator="cpu", devices=world, gradient_clip_val=1.0,
-            # "auto" would make the 2 ranks a tensor-parallel dim (and the FSDP mesh one rank).
-            strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
-            plugins=[DistscalePrecision("cpu", init_scale=2.0**10, growth_interval=3)], logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False, **kwargs,
+            accelerator="cpu", devices=world, strategy=strategy(), plugins=[plugin()], max_steps=max_steps,
+            gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False,
         )  # fmt: skip
 
-    out: dict[str, Any] = {}
     module = Module()
-    fit = trainer(max_steps=5)
+    fit = trainer(5)
     fit.fit(module)
-    full = [p.full_tensor().tolist() for p in module.parameters()]  # a collective: every rank
-    out["trainer"] = {
+    fit.save_checkpoint(ckpt)
+    resumed = trainer(6)
+    resumed.fit(Module(), ckpt_path=ckpt)
+    return module, {
         "steps": module.steps,
-        "param_type": type(next(module.parameters())).__name__,
-        "params": full,
-        "state": fit.precision_plugin.scaler.state_dict(),
+        "resumed_start": resumed.precision_plugin.scaler.state_dict()["state"]["num_updates"],
+        "resumed_steps": resumed.lightning_module.steps,
     }
-    fit.save_checkpoint(f"{ckpt_root}/trainer")  # sharded: one directory, a file per rank
-    resumed = trainer(max_steps=6)
-    resumed.fit(Module(), ckpt_path=f"{ckpt_root}/trainer")
-    out["trainer"]["resumed_start"] = resumed.precision_plugin.scaler.state_dict()["state"]["num_updates"]
-    out["trainer"]["resumed_steps"] = resumed.lightning_module.steps
+
+
+def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[str, Any]:
+    """Lightning's ModelParallelStrategy (FSDP2 over 2 gloo ranks, the plugin's fp16 on the CPU) in
+    the Trainer, fused AdamW, clipping by norm, an inf in rank 1's shard after backward, a resume
+    from the Trainer's sharded checkpoint; then Fabric with the same strategy, its sharded
+    save and load."""
+    _lightning_env(rank, world)
+    import lightning
+    from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from distscale.integrations.lightning import DistscaleFabricPrecision, DistscalePrecision, fabric_load
+
+    module, trainer_record = _run_sharded_trainer(
+        lightning,
+        world,
+        # "auto" would make the 2 ranks a tensor-parallel dim (and the FSDP mesh one rank).
+        lambda: ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        lambda: DistscalePrecision("cpu", init_scale=2.0**10, growth_interval=3),
+        lambda m: _shard(m, m.device_mesh["data_parallel"]),
+        lambda m: _plant_in_shard(m.net[0].weight),
+        f"{ckpt_root}/trainer",  # sharded: one directory, a file per rank
+    )
+    trainer_record["param_type"] = type(next(module.parameters())).__name__
+    trainer_record["params"] = [p.full_tensor().tolist() for p in module.parameters()]  # every rank joins
 
     # Fabric, the same strategy through its parallelize_fn.
     fabric = lightning.Fabric(
@@ -416,17 +437,19 @@ def job_lightning_model_parallel(rank: int, world: int, ckpt_root: str) -> dict[
     fresh_opt = fabric.setup_optimizers(torch.optim.AdamW(fresh_model.parameters(), lr=0.1, fused=True))
     loaded = {"model": fresh_model, "optimizer": fresh_opt, "scaler": fresh}
     fabric_load(fabric, f"{ckpt_root}/fabric", loaded)
-    out["fabric"] = {
-        "steps": steps,
-        "saved": saved,
-        "loaded": fresh.state_dict(),
-        "scaler_kept": loaded["scaler"] is fresh,
-        "params_equal": all(
-            torch.equal(a.full_tensor(), b.full_tensor())
-            for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
-        ),
+    return {
+        "trainer": trainer_record,
+        "fabric": {
+            "steps": steps,
+            "saved": saved,
+            "loaded": fresh.state_dict(),
+            "scaler_kept": loaded["scaler"] is fresh,
+            "params_equal": all(
+                torch.equal(a.full_tensor(), b.full_tensor())
+                for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
+            ),
+        },
     }
-    return out
 
 
 def _plant_in_local_grad(module: nn.Module) -> None:
@@ -470,55 +493,16 @@ def job_lightning_fsdp1(rank: int, world: int, ckpt_root: str) -> dict[str, Any]
             module, device_id=torch.device("cpu"), mixed_precision=precision.mixed_precision_config
         )
 
-    class Module(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _model()
-            self.steps: list[dict[str, Any]] = []
-
-        def configure_model(self) -> None:
-            self.net = wrapped(self.net, self.trainer.precision_plugin)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.net(batch).float().pow(2).mean()
-
-        def on_after_backward(self) -> None:
-            if self.global_step == PLANT_STEP and self.global_rank == PLANT_RANK:
-                _plant_in_local_grad(self)
-
-        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-            scaler = self.trainer.precision_plugin.scaler
-            self.steps.append({"skipped": scaler.last_step_skipped(), "scale": scaler.get_scale()})
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.AdamW(self.parameters(), lr=0.1, fused=True)
-
-        def train_dataloader(self) -> Any:
-            batches = torch.stack([_batch(self.global_rank, step) for step in range(5)])
-            return torch.utils.data.DataLoader(batches, batch_size=None)
-
-    def trainer(**kwargs: Any) -> Any:
-        return lightning.Trainer(
-            accelerator="cpu", devices=world, strategy=CPUFSDP(state_dict_type="sharded"), gradient_clip_val=1.0,
-            plugins=[DistscaleFSDPPrecision("cpu", init_scale=2.0**10, growth_interval=3)], logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            use_distributed_sampler=False, **kwargs,
-        )  # fmt: skip
-
-    out: dict[str, Any] = {}
-    module = Module()
-    fit = trainer(max_steps=5)
-    fit.fit(module)
-    out["trainer"] = {
-        "steps": module.steps,
-        "wrapped": type(fit.lightning_module.net).__name__,
-        "state": fit.precision_plugin.scaler.state_dict(),
-    }
-    fit.save_checkpoint(f"{ckpt_root}/trainer.ckpt")
-    resumed = trainer(max_steps=6)
-    resumed.fit(Module(), ckpt_path=f"{ckpt_root}/trainer.ckpt")
-    out["trainer"]["resumed_start"] = resumed.precision_plugin.scaler.state_dict()["state"]["num_updates"]
-    out["trainer"]["resumed_steps"] = resumed.lightning_module.steps
+    module, trainer_record = _run_sharded_trainer(
+        lightning,
+        world,
+        lambda: CPUFSDP(state_dict_type="sharded"),
+        lambda: DistscaleFSDPPrecision("cpu", init_scale=2.0**10, growth_interval=3),
+        lambda m: setattr(m, "net", wrapped(m.net, m.trainer.precision_plugin)),
+        _plant_in_local_grad,
+        f"{ckpt_root}/trainer.ckpt",
+    )
+    trainer_record["wrapped"] = type(module.net).__name__
 
     fabric = lightning.Fabric(
         accelerator="cpu", devices=world, strategy=CPUFabricFSDP(state_dict_type="sharded"),
@@ -546,12 +530,14 @@ def job_lightning_fsdp1(rank: int, world: int, ckpt_root: str) -> dict[str, Any]
     fabric_load(
         fabric, f"{ckpt_root}/fabric", {"model": fresh_model, "optimizer": fresh_opt, "scaler": fresh}
     )
-    out["fabric"] = {
-        "steps": steps,
-        "saved": scaler.state_dict(),
-        "loaded": fresh.state_dict(),
-        "params_equal": all(
-            torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
-        ),
+    return {
+        "trainer": trainer_record,
+        "fabric": {
+            "steps": steps,
+            "saved": scaler.state_dict(),
+            "loaded": fresh.state_dict(),
+            "params_equal": all(
+                torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True)
+            ),
+        },
     }
-    return out

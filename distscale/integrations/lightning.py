@@ -154,61 +154,53 @@ def _fp16_autocast(device: str) -> Any:
     return torch.autocast(device, dtype=torch.float16)
 
 
-class DistscalePrecision(_TrainerHooks, _TrainerMixedPrecision):  # type: ignore[misc]
+class _AmpPlugin:
+    """The constructor of the "16-mixed" plugins built on Lightning's ``MixedPrecision``."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
+        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))  # type: ignore[call-arg]
+        self._register = _Registration()
+
+
+class _FSDPPlugin:
+    """What the FSDP plugins set right in Lightning 2.6's ``FSDPPrecision("16-mixed", scaler=...)``:
+    it refuses any scaler (it reads its precision before setting it), would drop one it kept (it
+    keeps a scaler only when it builds its own), and autocasts "cuda" only."""
+
+    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
+        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
+        self.precision = "16-mixed"  # read by FSDPPrecision.__init__ before it sets it
+        super().__init__("16-mixed", cast(Any, self.distscale_scaler))  # type: ignore[call-arg]
+        self.scaler = cast(Any, self.distscale_scaler)
+        self._register = _Registration()
+        self._device = device
+
+    def forward_context(self) -> Any:
+        return _fp16_autocast(self._device)
+
+
+class DistscalePrecision(_TrainerHooks, _AmpPlugin, _TrainerMixedPrecision):  # type: ignore[misc]
     """The Trainer's "16-mixed" precision with a distscale scaler (built on ``device`` from
     ``scaler_kwargs`` when ``scaler`` is None), for DDP, single-device and ModelParallel (FSDP2)."""
 
-    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
-        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
-        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
-        self._register = _Registration()
 
-
-class DistscaleFSDPPrecision(_TrainerHooks, _TrainerFSDPPrecision):  # type: ignore[misc]
+class DistscaleFSDPPrecision(_TrainerHooks, _FSDPPlugin, _TrainerFSDPPrecision):  # type: ignore[misc]
     """The Trainer's FSDP (FSDP1) "16-mixed" precision with a distscale scaler, for
-    ``strategy="fsdp"``: Lightning 2.6's ``FSDPPrecision("16-mixed", scaler=...)`` refuses any
-    scaler (it reads its precision before setting it), would drop it if it did not (it keeps a
-    scaler only when it builds its own), and refuses clipping by norm, which this plugin does
-    through the scaler's shard-aware clip (FSDP1's flat parameters counted once)."""
-
-    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
-        self.precision = "16-mixed"  # read by FSDPPrecision.__init__ before it sets it
-        super().__init__("16-mixed", cast(Any, self.distscale_scaler))
-        self.scaler = cast(Any, self.distscale_scaler)  # FSDPPrecision drops a scaler it is given
-        self._register = _Registration()
-        self._device = device
-
-    def forward_context(self) -> Any:
-        return _fp16_autocast(self._device)  # Lightning's FSDP plugin autocasts "cuda" only
+    ``strategy="fsdp"`` (see ``_FSDPPlugin`` for what Lightning's own gets wrong with a scaler).
+    Clipping by norm, which Lightning's refuses, goes through the scaler's shard-aware clip
+    (FSDP1's flat parameters counted once)."""
 
 
-class DistscaleFabricPrecision(_FabricHooks, _FabricMixedPrecision):
+class DistscaleFabricPrecision(_FabricHooks, _AmpPlugin, _FabricMixedPrecision):
     """Fabric's "16-mixed" precision with a distscale scaler (built on ``device`` from
     ``scaler_kwargs`` when ``scaler`` is None)."""
 
-    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
-        # Lightning types its scaler as torch's: distscale's is a drop-in for it.
-        super().__init__("16-mixed", device, cast(Any, self.distscale_scaler))
-        self._register = _Registration()
 
-
-class DistscaleFabricFSDPPrecision(_FabricHooks, _FabricFSDPPrecision):
-    """Fabric's FSDP (FSDP1) "16-mixed" precision with a distscale scaler (Lightning's refuses
-    any scaler, see :class:`DistscaleFSDPPrecision`)."""
-
-    def __init__(self, device: str = "cuda", scaler: GradScaler | None = None, **scaler_kwargs: Any) -> None:
-        self.distscale_scaler = _scaler(device, scaler, scaler_kwargs)
-        self.precision = "16-mixed"  # read by FSDPPrecision.__init__ before it sets it
-        super().__init__("16-mixed", cast(Any, self.distscale_scaler))
-        self.scaler = cast(Any, self.distscale_scaler)  # FSDPPrecision drops a scaler it is given
-        self._register = _Registration()
-        self._device = device
-
-    def forward_context(self) -> Any:
-        return _fp16_autocast(self._device)  # Lightning's FSDP plugin autocasts "cuda" only
+class DistscaleFabricFSDPPrecision(_FabricHooks, _FSDPPlugin, _FabricFSDPPrecision):  # type: ignore[misc]
+    """Fabric's FSDP (FSDP1) "16-mixed" precision with a distscale scaler (see
+    :class:`DistscaleFSDPPrecision`)."""
 
 
 def fabric_load(fabric: Any, path: Any, state: dict[str, Any], **kwargs: Any) -> Any:

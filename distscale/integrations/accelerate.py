@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable
 from typing import Any
 
 from distscale.scaler import GradScaler
@@ -97,8 +98,19 @@ def use_distscale(accelerator: Any, scaler: GradScaler | None = None, **scaler_k
         # accelerate keeps the module it wrapped in DDP (over the default group), not the wrapper.
         ddp = _wraps_in_ddp(accelerator) and not getattr(model, "_is_accelerate_prepared", False)
         scaler.register_model(model, replicated_over=_world() if ddp else None)
-    _attach_future_optimizers(accelerator, AcceleratedOptimizer)
-    _register_future_models(accelerator)
+
+    def attach(prepared: Any) -> None:
+        # prepare() copies accelerator.scaler into each wrapper it builds: attach those as they come.
+        if isinstance(prepared, AcceleratedOptimizer) and accelerator.scaler is not None:
+            _attach(prepared, accelerator.scaler)
+
+    def register(prepared: Any) -> None:
+        # The clip counts each parameter once only if the scaler knows DDP's and FSDP1's groups.
+        if isinstance(accelerator.scaler, GradScaler):
+            accelerator.scaler.register_model(prepared)
+
+    _after_prepare(accelerator, "prepare_optimizer", attach)
+    _after_prepare(accelerator, "prepare_model", register)
     _route_clip(accelerator, AcceleratedOptimizer)
     return scaler
 
@@ -119,20 +131,21 @@ def _world() -> Any:
     return dist.group.WORLD
 
 
-def _register_future_models(accelerator: Any) -> None:
-    # The clip counts each parameter once only if the scaler knows DDP's and FSDP1's groups.
-    if getattr(accelerator, "_distscale_prepare_model", None) is not None:
+def _after_prepare(accelerator: Any, method: str, hook: Callable[[Any], None]) -> None:
+    """Run ``hook`` on what each later ``accelerator.<method>(...)`` call returns (installed once
+    per accelerator, however often ``use_distscale`` is called)."""
+    marker = f"_distscale_{method}"
+    if getattr(accelerator, marker, None) is not None:
         return
-    prepare_model = accelerator.prepare_model
+    original = getattr(accelerator, method)
 
-    def prepare_with_distscale(*args: Any, **kwargs: Any) -> Any:
-        prepared = prepare_model(*args, **kwargs)
-        if isinstance(accelerator.scaler, GradScaler):
-            accelerator.scaler.register_model(prepared)
+    def with_distscale(*args: Any, **kwargs: Any) -> Any:
+        prepared = original(*args, **kwargs)
+        hook(prepared)
         return prepared
 
-    accelerator._distscale_prepare_model = prepare_with_distscale
-    accelerator.prepare_model = prepare_with_distscale
+    setattr(accelerator, marker, with_distscale)
+    setattr(accelerator, method, with_distscale)
 
 
 def _route_clip(accelerator: Any, wrapper: Any) -> None:
@@ -199,19 +212,3 @@ def _attach(optimizer: Any, scaler: GradScaler) -> None:
 
         optimizer._distscale_step = step
         optimizer.step = types.MethodType(step, optimizer)
-
-
-def _attach_future_optimizers(accelerator: Any, wrapper: type) -> None:
-    # prepare() copies accelerator.scaler into each wrapper it builds: attach those as they come.
-    if getattr(accelerator, "_distscale_prepare_optimizer", None) is not None:
-        return
-    prepare_optimizer = accelerator.prepare_optimizer
-
-    def prepare_with_distscale(*args: Any, **kwargs: Any) -> Any:
-        prepared = prepare_optimizer(*args, **kwargs)
-        if isinstance(prepared, wrapper) and accelerator.scaler is not None:
-            _attach(prepared, accelerator.scaler)
-        return prepared
-
-    accelerator._distscale_prepare_optimizer = prepare_with_distscale
-    accelerator.prepare_optimizer = prepare_with_distscale

@@ -382,7 +382,8 @@ class GradSet:
         return None if backend == "triton" else spans.plan(tensors)
 
     def _same_objects(self, optimizer: torch.optim.Optimizer) -> bool:
-        current = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
+        current = [g for g in map(_GRAD_OF, params) if g is not None]  # each grad read once
         return len(current) == len(self.sources) and all(map(operator.is_, current, self.sources))
 
     def unchanged_since(self, optimizer: torch.optim.Optimizer) -> bool:
